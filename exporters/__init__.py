@@ -1,0 +1,1 @@
+"""Exporters: torch -> ONNX with a parity check, and converters of published checkpoints."""

@@ -1,0 +1,61 @@
+"""``medseg info SCAN``: what a scan or label map is, in numbers."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from ..console import Console, command_options, escape
+from ..imaging import describe, read_image
+
+
+def _render(console: Console, facts: dict) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+
+    def vec(values: list, digits: int = 4) -> str:
+        return "(" + ", ".join(f"{v:.{digits}g}" for v in values) + ")"
+
+    table.add_row("file", escape(str(facts["path"])))
+    table.add_row("format", str(facts["format"]))
+    if "dicom_series" in facts:
+        others = facts.get("dicom_other_series") or {}
+        table.add_row("DICOM series", f"{facts['dicom_series']} ({facts['dicom_slices']} slices"
+                      + (f"; {len(others)} other series ignored)" if others else ")"))
+    z, y, x = facts["size_zyx"]
+    table.add_row("size (Z, Y, X)", f"{z} × {y} × {x}" + (f", {facts['channels']} channels" if facts["channels"] > 1 else ""))
+    table.add_row("spacing (x, y, z)", vec(facts["spacing_xyz_mm"]) + " mm")
+    table.add_row("extent (x, y, z)", vec(facts["physical_size_xyz_mm"]) + " mm")
+    table.add_row("origin (x, y, z)", vec(facts["origin_xyz_mm"], 6) + " mm (LPS)")
+    d = facts["direction"]
+    table.add_row("direction", " ".join(vec(d[i:i + 3], 3) for i in (0, 3, 6)))
+    table.add_row("orientation", facts["orientation"] + " (world direction of increasing x, y, z index)")
+    table.add_row("pixel type", str(facts["pixel_type"]))
+    table.add_row("intensity range", f"{facts['intensity_min']:.6g} … {facts['intensity_max']:.6g}")
+    console.print(table)
+    if facts.get("is_label_map"):
+        labels = Table(title="labels", title_justify="left")
+        labels.add_column("label", justify="right")
+        labels.add_column("voxels", justify="right")
+        labels.add_column("volume (mm³)", justify="right")
+        labels.add_column("volume (mL)", justify="right")
+        for row in facts["labels"]:
+            labels.add_row(str(row["label"]), f"{row['voxels']:,}", f"{row['volume_mm3']:,.1f}",
+                           f"{row['volume_mm3'] / 1000:,.2f}")
+        console.print(labels)
+
+
+@click.command(name="info")
+@click.argument("scan", type=click.Path(path_type=str))
+@click.option("--series", "series_uid", default=None, help="DICOM SeriesInstanceUID to read from a folder.")
+@click.option("--label/--no-label", "as_label", default=None,
+              help="Treat the file as a label map (default: guess from its values).")
+@command_options
+def info(scan: str, series_uid: str | None, as_label: bool | None, console: Console) -> None:
+    """Describe SCAN (NIfTI, NRRD, MetaImage, PNG/TIFF, or a DICOM folder): size, spacing (mm),
+    origin, direction, orientation code, pixel type, intensity range, and for a label map the
+    voxel count and volume of every label."""
+    image = read_image(scan, series_uid=series_uid)
+    facts = describe(image, as_label=as_label)
+    console.emit(facts, render=lambda: _render(console, facts))
