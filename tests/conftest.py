@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Two cores, two xdist workers: one BLAS/OpenMP thread per test process avoids oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
 
