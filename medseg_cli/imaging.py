@@ -11,19 +11,23 @@ Conventions (the one conversion point of the project):
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
+import re
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from .atomic import atomic_output
-from .errors import InputError, MedsegError, MedsegWarning, ProcessingError
+from .errors import InputError, MedsegWarning, ProcessingError
 
 sitk.ProcessObject_SetGlobalWarningDisplay(False)  # we report problems ourselves, in one line
 
@@ -213,6 +217,45 @@ class Image:
 
 # ----------------------------------------------------------------------------------------- reading
 
+class _NativeOutput:
+    """Text that native code (ITK, GDCM, MetaIO) printed to the process's stderr while captured."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+
+@contextlib.contextmanager
+def _captured_native_stderr() -> Iterator[_NativeOutput]:
+    """Redirect file descriptor 2 to a scratch file while ITK runs.
+
+    MetaIO and GDCM print diagnostics straight to stderr (bypassing Python and SimpleITK's warning
+    switch); a user must see one clear line instead, so the text is captured and used to explain a
+    failure. Falls back to doing nothing when fd 2 cannot be duplicated.
+    """
+    captured = _NativeOutput()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield captured
+        return
+    try:
+        scratch_file = tempfile.TemporaryFile(mode="w+b")
+    except OSError:  # no usable temporary folder (e.g. a full disk): read without capturing
+        os.close(saved)
+        yield captured
+        return
+    with scratch_file as scratch:
+        try:
+            os.dup2(scratch.fileno(), 2)
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            scratch.seek(0)
+            captured.text = scratch.read(1 << 16).decode("utf-8", "replace")
+
+
 def _describe_itk_failure(message: str) -> str:
     lowered = message.lower()
     if "unable to determine imageio reader" in lowered or "could not create io object" in lowered:
@@ -222,53 +265,201 @@ def _describe_itk_failure(message: str) -> str:
     if "gzip" in lowered or "zlib" in lowered or "compressed" in lowered:
         return "the compressed data is truncated or corrupt"
     if "size" in lowered and ("data" in lowered or "file" in lowered) or "eof" in lowered \
-            or "read failed" in lowered or "truncated" in lowered:
+            or "read failed" in lowered or "truncated" in lowered or "not read completely" in lowered \
+            or "fread got only" in lowered:
         return "the data is shorter than its header says (truncated or corrupt file)"
     if "does not exist" in lowered or "no such file" in lowered:
-        return "a data file named in its header is missing"
+        return "a data file named in its header is missing, or the file is corrupt"
     last = [line.strip() for line in message.splitlines() if line.strip()]
     detail = last[-1][:160] if last else "unknown reason"
     return f"cannot be read ({detail})"
 
 
-def _check_gzip(path: Path) -> None:
-    """Fail clearly on a .gz that is not gzip or that is truncated (ITK's messages are cryptic)."""
+def _check_gzip(path: Path) -> int:
+    """Fail clearly on a .gz that is not gzip or that is truncated (ITK's messages are cryptic).
+
+    Returns the number of decompressed bytes.
+    """
+    total = 0
     try:
         with gzip.open(path, "rb") as handle:
-            while handle.read(1 << 22):
-                pass
+            while chunk := handle.read(1 << 22):
+                total += len(chunk)
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         problem = "is not gzip-compressed data" if "Not a gzipped" in str(err) else \
             "the gzip data is truncated or corrupt"
         raise InputError(problem, path=path, hint="Re-export or re-download the file.") from None
+    return total
 
 
-def _read_file(path: Path) -> sitk.Image:
+_DETACHED_DATA_KEYS = {".mhd": re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.M),
+                       ".nhdr": re.compile(r"^\s*data ?file\s*:\s*(.+?)\s*$", re.M | re.I)}
+
+
+def _check_detached_data(path: Path, suffix: str) -> None:
+    """A detached header (.mhd, .nhdr) must name a data file that exists (one clear line if not)."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(1 << 16).decode("latin-1")
+    except OSError:
+        return
+    found = _DETACHED_DATA_KEYS[suffix].search(header)
+    if not found:
+        return
+    name = found.group(1).strip()
+    if name.upper().startswith(("LOCAL", "LIST")) or "%" in name or any(c.isspace() for c in name):
+        return  # data in the header file itself, or a list / pattern of files: ITK checks those
+    data = Path(name) if Path(name).is_absolute() else path.parent / name
+    if not data.exists():
+        raise InputError(f"its data file {data.name} (named in the header) is missing", path=path,
+                         hint=f"Put {data.name} beside the header, or re-export as one file (.nrrd/.mha).")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` starts like a DICOM Part 10 file (128-byte preamble, then ``DICM``)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _check_png_end(path: Path) -> None:
+    """A PNG cut short still decodes (libpng fills the rest with 0, silently): require its IEND chunk."""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, path.stat().st_size - 4096))  # tolerate a little trailing data
+        tail = handle.read()
+    if b"IEND" not in tail:
+        raise InputError("the PNG data is truncated (its end marker is missing)", path=path,
+                         hint="Re-export or re-download the file.")
+
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype code -> numpy type (the ones that hold NaN)
+
+
+def _nifti_header(path: Path) -> dict | None:
+    """The few NIfTI-1/2 header fields medseg needs (``None`` when the header is not recognised).
+
+    Returns ``{"endian", "shape" (x, y, z, ...), "datatype", "bitpix", "vox_offset"}``.
+    """
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(540)
+    except (OSError, EOFError):
+        return None
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348 and head[344:347] == b"n+1":
+            dims = struct.unpack(endian + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
+            pixdim = struct.unpack(endian + "8f", head[76:108])
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540 and head[4:7] == b"n+2":
+            datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
+            dims = struct.unpack(endian + "8q", head[16:80])
+            pixdim = struct.unpack(endian + "8d", head[104:168])
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+            break
+    else:
+        return None
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7 or any(int(d) < 1 for d in dims[1:ndim + 1]) or bitpix <= 0:
+        return None
+    return {"endian": endian, "shape": tuple(int(d) for d in dims[1:ndim + 1]), "datatype": int(datatype),
+            "bitpix": int(bitpix), "vox_offset": offset, "pixdim": tuple(float(v) for v in pixdim)}
+
+
+def _nifti_checks(path: Path, image: sitk.Image, array: np.ndarray, data_bytes: int | None) -> np.ndarray:
+    """NIfTI facts that ITK hides: data shorter than the header says, and NaN/Inf voxels.
+
+    ITK 5.4's NIfTI reader pads a short data block silently and replaces every NaN/Inf voxel by 0
+    (fixed later upstream, ITK PR #6683); the header is parsed here to catch both. Returns ``array``
+    with the non-finite voxels restored.
+    """
+    header = _nifti_header(path)
+    if header is None:
+        return array
+    # ITK silently reads a zero/NaN pixdim as 1 mm and a negative one as positive on a mirrored axis
+    spatial = header["pixdim"][1:1 + min(3, len(header["shape"]))]
+    if any(not math.isfinite(v) or v == 0 for v in spatial):
+        raise InputError(f"invalid voxel spacing in the header (pixdim {_fmt(spatial)} mm; each must be > 0)",
+                         path=path, hint="Fix the header (pixdim) of the file, e.g. re-export it.")
+    if any(v < 0 for v in spatial):
+        warnings.warn(MedsegWarning(f"{path}: negative voxel spacing in the header (pixdim {_fmt(spatial)} mm): "
+                                    "read as positive spacing along a mirrored axis; check the orientation"),
+                      stacklevel=3)
+    count = int(np.prod(header["shape"], dtype=np.int64))
+    expected = header["vox_offset"] + count * header["bitpix"] // 8
+    available = data_bytes if data_bytes is not None else path.stat().st_size
+    if available < expected:
+        raise InputError(f"the data is shorter than its header says ({available:,} of {expected:,} bytes): "
+                         "the file is truncated", path=path, hint="Re-export or re-download the file.")
+    kind = _NIFTI_FLOAT_TYPES.get(header["datatype"])
+    if kind is None or count != array.size or not np.issubdtype(array.dtype, np.floating) \
+            or image.GetNumberOfComponentsPerPixel() != 1 or not (array == 0).any():
+        return array  # ITK turns non-finite values into 0: without zeros there were none
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        handle.seek(header["vox_offset"])
+        raw = np.frombuffer(handle.read(count * header["bitpix"] // 8), dtype=header["endian"] + kind)
+    raw = raw.reshape(array.shape)  # x varies fastest on disk, as in ITK's (t, z, y, x) array
+    nonfinite = ~np.isfinite(raw)
+    if nonfinite.any():
+        array = np.array(array, copy=True)
+        array[nonfinite] = raw[nonfinite]
+    return array
+
+
+def _read_file(path: Path) -> tuple[sitk.Image, int | None]:
+    """Read one image file with ITK; returns it and, for .nii.gz, the decompressed size in bytes."""
     suffix = file_suffix(path)
     if not suffix:
+        if _is_dicom_file(path):
+            raise InputError("a single DICOM file; medseg reads a DICOM series as the folder of its slices",
+                             path=path, hint=f"Give the folder instead: {path.parent}")
+        if path.name.lower().endswith(".gif"):
+            raise InputError("GIF images are not supported (SimpleITK cannot read them)", path=path,
+                             hint="Convert it losslessly to PNG (e.g. `convert in.gif out.png`).")
         raise InputError("unsupported file type", path=path,
-                         hint="Use NIfTI (.nii/.nii.gz), NRRD, MetaImage (.mha/.mhd), PNG/TIFF/JPEG, "
-                              "or a DICOM series folder.")
-    if suffix == ".nii.gz":
-        _check_gzip(path)
+                         hint="Use NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd), "
+                              "PNG/TIFF/JPEG/BMP, or a DICOM series folder.")
     if path.stat().st_size == 0:
         raise InputError("file is empty", path=path, hint="Re-export the scan.")
+    data_bytes = _check_gzip(path) if suffix == ".nii.gz" else None
+    if suffix == ".png":
+        _check_png_end(path)
+    if suffix in _DETACHED_DATA_KEYS:
+        _check_detached_data(path, suffix)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    try:
-        return reader.Execute()
-    except RuntimeError as err:
-        raise InputError(_describe_itk_failure(str(err)), path=path,
-                         hint="Check that the file is complete and of the format its name says.") from None
+    with _captured_native_stderr() as native:
+        try:
+            image = reader.Execute()
+            failure = None
+        except RuntimeError as err:
+            failure = str(err)
+    if failure is not None:
+        # MetaIO says why on stderr ("data not read completely") and only "no such file" in the exception
+        raise InputError(_describe_itk_failure(native.text + "\n" + failure), path=path,
+                         hint="Check that the file is complete and of the format its name says.")
+    return image, data_bytes
 
 
 def list_dicom_series(folder: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """DICOM series in ``folder``: {SeriesInstanceUID: sorted file names}, largest series first."""
+    """DICOM series in ``folder``: {SeriesInstanceUID: sorted file names}, largest series first.
+
+    An anonymised series may have an empty UID (``""``).
+    """
     folder = Path(folder)
     reader = sitk.ImageSeriesReader()
     series = {}
-    for uid in reader.GetGDCMSeriesIDs(str(folder)):
-        series[uid] = list(reader.GetGDCMSeriesFileNames(str(folder), uid))
+    with _captured_native_stderr():
+        for uid in reader.GetGDCMSeriesIDs(str(folder)):
+            series[uid] = list(reader.GetGDCMSeriesFileNames(str(folder), uid))
     return dict(sorted(series.items(), key=lambda item: -len(item[1])))
 
 
@@ -290,6 +481,23 @@ def _slice_positions(files: Sequence[str]) -> np.ndarray:
     return np.sort(np.asarray(positions))
 
 
+def _dicom_labels(name: str) -> dict:
+    """Modality and series description of a DICOM file (for display), when it has them."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    reader.LoadPrivateTagsOff()
+    found = {}
+    with _captured_native_stderr():
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return found
+    for key, tag in (("dicom_modality", "0008|0060"), ("dicom_description", "0008|103e")):
+        if reader.HasMetaDataKey(tag) and reader.GetMetaData(tag).strip():
+            found[key] = reader.GetMetaData(tag).strip()
+    return found
+
+
 def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[sitk.Image, dict]:
     series = list_dicom_series(folder)
     if not series:
@@ -304,12 +512,13 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[sitk.Image
         chosen = next(iter(series))
     files = series[chosen]
     ignored = {uid: len(f) for uid, f in series.items() if uid != chosen}
-    if ignored:
+    if ignored and series_uid is None:
         warnings.warn(MedsegWarning(
             f"{folder}: {len(series)} DICOM series found; using {chosen or '(no UID)'} with {len(files)} slices, "
             f"ignoring {len(ignored)} other(s) ({', '.join(f'{n} slices' for n in ignored.values())}); "
             "pick one with --series UID"), stacklevel=3)
-    info = {"dicom_series": chosen, "dicom_slices": len(files), "dicom_other_series": ignored}
+    info = {"dicom_series": chosen, "dicom_slices": len(files), "dicom_other_series": ignored,
+            **_dicom_labels(files[0])}
     positions = _slice_positions(files) if len(files) > 2 else np.array([])
     if positions.size > 2:
         steps = np.diff(positions)
@@ -321,11 +530,13 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[sitk.Image
                 f"median {median:.3g} mm): a slice may be missing; geometry uses the mean spacing"), stacklevel=3)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    try:
-        return reader.Execute(), info
-    except RuntimeError as err:
-        raise InputError(_describe_itk_failure(str(err)), path=folder,
-                         hint="Check that the DICOM files are complete.") from None
+    with _captured_native_stderr() as native:
+        try:
+            return reader.Execute(), info
+        except RuntimeError as err:
+            failure = str(err)
+    raise InputError(_describe_itk_failure(native.text + "\n" + failure), path=folder,
+                     hint="Check that the DICOM files are complete.")
 
 
 def _validate(array: np.ndarray, geometry: Geometry, path: Path) -> None:
@@ -379,7 +590,7 @@ def read_image(path: str | os.PathLike[str], *, series_uid: str | None = None) -
     else:
         if not os.access(path, os.R_OK):
             raise InputError("file is not readable (permission denied)", path=path)
-        image = _read_file(path)
+        image, data_bytes = _read_file(path)
         info["format"] = _FORMAT_NAMES.get(file_suffix(path), "image")
     if image.GetDimension() not in (2, 3, 4):
         raise InputError(f"{image.GetDimension()}D images are not supported", path=path)
@@ -388,6 +599,8 @@ def read_image(path: str | os.PathLike[str], *, series_uid: str | None = None) -
         array = _sitk_to_array(image)
     except InputError as err:
         raise InputError(err.problem, path=path) from None
+    if not path.is_dir() and file_suffix(path) in (".nii", ".nii.gz"):
+        array = _nifti_checks(path, image, array, data_bytes)
     if image.GetDimension() == 4:
         info["channels_from_4th_axis"] = True
     info["pixel_type"] = image.GetPixelIDTypeAsString()
@@ -491,14 +704,65 @@ def write_image(image: Image, path: str | os.PathLike[str], *, label: bool = Fal
             sitk.WriteImage(sitk_image, str(temp_path), useCompression=compress)
         except RuntimeError as err:
             raise ProcessingError(f"writing failed: {_describe_itk_failure(str(err))}", path=path) from None
+        verify_written(temp_path, path)
     return path
 
 
+def verify_written(written: Path, destination: str | os.PathLike[str]) -> None:
+    """Raise :class:`ProcessingError` unless ``written`` (an image ITK just wrote) is complete.
+
+    ITK ignores failed writes (a full disk or a file-size limit leaves a short or empty file and no
+    error), so the file is checked before it may replace ``destination``: NIfTI by its header and
+    (decompressed) data size, other formats by reading them back.
+    """
+    written = Path(written)
+    problem = None
+    if not written.is_file() or written.stat().st_size == 0:
+        problem = "no data reached the disk"
+    else:
+        try:
+            suffix = file_suffix(written)
+            if suffix in (".nii", ".nii.gz"):
+                available = _check_gzip(written) if suffix == ".nii.gz" else written.stat().st_size
+                header = _nifti_header(written)
+                count = int(np.prod(header["shape"], dtype=np.int64)) if header else 0
+                if header is None or available < header["vox_offset"] + count * header["bitpix"] // 8:
+                    problem = "the file on disk is incomplete"
+            else:
+                with _captured_native_stderr():
+                    sitk.ReadImage(str(written))
+        except (InputError, RuntimeError):
+            problem = "the file on disk is incomplete"
+    if problem:
+        raise ProcessingError(f"writing failed: {problem}", path=destination,
+                              hint="Check free disk space and permissions; nothing was written.")
+
+
 def label_statistics(array: np.ndarray, geometry: Geometry) -> list[dict]:
-    """Per label value (background 0 included): voxel count and volume in mm³."""
-    values, counts = np.unique(array, return_counts=True)
+    """Per label value present (background 0 included): voxel count and volume in mm³."""
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.view(np.uint8)
+    if np.issubdtype(array.dtype, np.integer) and array.size and array.min() >= 0 and array.max() < (1 << 20):
+        counts = np.bincount(array.ravel())  # far faster than np.unique on a large label map
+        values = np.flatnonzero(counts)
+        counts = counts[values]
+    else:
+        values, counts = np.unique(array, return_counts=True)
     voxel = geometry.voxel_volume_mm3
     return [{"label": int(v), "voxels": int(c), "volume_mm3": float(c) * voxel} for v, c in zip(values, counts)]
+
+
+def _distinct_at_most(array: np.ndarray, limit: int) -> bool:
+    """Whether ``array`` holds at most ``limit`` distinct values (a strided sample rules out most scans fast)."""
+    sample = array.ravel()[:: max(1, array.size // 20_000)]
+    if np.unique(sample).size > limit:
+        return False
+    if array.dtype == bool:
+        return True
+    if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() < (1 << 20):
+        return int(np.count_nonzero(np.bincount(array.ravel()))) <= limit  # O(N), no sort
+    return np.unique(array).size <= limit
 
 
 def looks_like_label_map(array: np.ndarray, max_labels: int = 64) -> bool:
@@ -509,20 +773,66 @@ def looks_like_label_map(array: np.ndarray, max_labels: int = 64) -> bool:
         sample = array.ravel()[:: max(1, array.size // 200_000)]
         if not np.all(np.isfinite(sample)) or not np.array_equal(sample, np.round(sample)):
             return False
-    elif not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            return False
+    elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
         return False
     if array.min() < 0:
         return False
-    return np.unique(array).size <= max_labels
+    return _distinct_at_most(array, max_labels)
+
+
+def color_statistics(channels: np.ndarray, geometry: Geometry, max_colors: int = 64) -> list[dict] | None:
+    """Per colour of a ``(C, Z, Y, X)`` integer image with few colours (e.g. an RGB mask): voxel count
+    and volume in mm³; ``None`` when it is not such an image (too many colours, floats, C > 4)."""
+    if channels.ndim != 4 or not 1 < channels.shape[0] <= 4 or not np.issubdtype(channels.dtype, np.integer):
+        return None
+    if channels.min() < 0 or channels.max() > 65535:
+        return None
+    flat = channels.reshape(channels.shape[0], -1)
+
+    def pack(columns: np.ndarray) -> np.ndarray:  # one 64-bit key per voxel: 16 bits per channel
+        packed = np.zeros(columns.shape[1], dtype=np.uint64)
+        for channel in columns:
+            packed = (packed << np.uint64(16)) | channel.astype(np.uint64)
+        return packed
+
+    candidates = np.unique(pack(flat[:, :: max(1, flat.shape[1] // 20_000)]))  # a strided sample first
+    if candidates.size > max_colors:
+        return None
+    packed = pack(flat)
+    where = np.minimum(np.searchsorted(candidates, packed), candidates.size - 1)
+    if np.array_equal(candidates[where], packed):  # every colour was in the sample: count by index
+        keys, counts = candidates, np.bincount(where, minlength=candidates.size)
+        keys, counts = keys[counts > 0], counts[counts > 0]
+    else:
+        keys, counts = np.unique(packed, return_counts=True)
+        if keys.size > max_colors:
+            return None
+    voxel = geometry.voxel_volume_mm3
+    rows = []
+    for key, count in zip(keys, counts):
+        key = int(key)
+        colour = [(key >> (16 * (channels.shape[0] - 1 - c))) & 0xFFFF for c in range(channels.shape[0])]
+        rows.append({"color": colour, "voxels": int(count), "volume_mm3": float(count) * voxel})
+    return rows
 
 
 def describe(image: Image, *, as_label: bool | None = None) -> dict:
     """Facts about an image for ``medseg info``: format, size, spacing, origin, direction, ...
 
-    ``as_label=None`` guesses whether the array is a label map.
+    ``as_label=None`` guesses whether the array is a label map. A multi-channel integer image with at
+    most 64 distinct colours (a colour-coded mask, e.g. RGB PNG) gets per-colour counts and volumes
+    under ``colors`` (``is_color_label_map``).
     """
     array = image.array
-    finite = array[np.isfinite(array)] if np.issubdtype(array.dtype, np.floating) else array
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        low = float(np.min(array, where=finite, initial=np.inf)) if finite.any() else None
+        high = float(np.max(array, where=finite, initial=-np.inf)) if finite.any() else None
+        nonfinite = int(finite.size - np.count_nonzero(finite))
+    else:
+        low, high, nonfinite = (float(array.min()), float(array.max()), 0) if array.size else (None, None, 0)
     facts: dict = {
         "path": image.source,
         "format": image.info.get("format"),
@@ -533,16 +843,28 @@ def describe(image: Image, *, as_label: bool | None = None) -> dict:
         "direction": list(image.geometry.direction),
         "orientation": image.geometry.orientation_code(),
         "pixel_type": image.info.get("pixel_type", str(array.dtype)),
-        "intensity_min": float(finite.min()) if finite.size else None,
-        "intensity_max": float(finite.max()) if finite.size else None,
+        "intensity_min": low,
+        "intensity_max": high,
+        "nonfinite_voxels": nonfinite,
         "physical_size_xyz_mm": [float(n * s) for n, s in
                                  zip(image.spatial_shape[::-1], image.geometry.spacing)],
+        "voxel_volume_mm3": image.geometry.voxel_volume_mm3,
     }
-    for key in ("dicom_series", "dicom_slices", "dicom_other_series", "dicom_slice_steps_mm"):
+    for key in ("dicom_series", "dicom_slices", "dicom_other_series", "dicom_modality", "dicom_description",
+                "dicom_slice_steps_mm"):
         if key in image.info:
             facts[key] = image.info[key]
     is_label = looks_like_label_map(array) if as_label is None else as_label
     facts["is_label_map"] = bool(is_label and not image.has_channels)
     if facts["is_label_map"]:
+        if np.issubdtype(array.dtype, np.floating) and not (np.isfinite(array).all()
+                                                             and np.array_equal(array, np.round(array))):
+            raise InputError("not a label map: it holds non-integer or non-finite values", path=image.source,
+                             hint="Drop --label to describe it as an intensity image.")
         facts["labels"] = label_statistics(array, image.geometry)
+    elif image.has_channels and as_label is not False:
+        colours = color_statistics(array, image.geometry)
+        if colours is not None:
+            facts["is_color_label_map"] = True
+            facts["colors"] = colours
     return facts

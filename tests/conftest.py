@@ -38,7 +38,7 @@ def run_medseg(*args: str, cwd: Path | None = None, env: dict | None = None,
     """Run ``python -m medseg_cli ARGS`` in a subprocess, capturing text output."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "medseg_cli", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
 
 
 @pytest.fixture()

@@ -21,8 +21,12 @@ def _render(console: Console, facts: dict) -> None:
     table.add_row("format", str(facts["format"]))
     if "dicom_series" in facts:
         others = facts.get("dicom_other_series") or {}
-        table.add_row("DICOM series", f"{facts['dicom_series']} ({facts['dicom_slices']} slices"
+        uid = facts["dicom_series"] or "(no SeriesInstanceUID)"
+        table.add_row("DICOM series", f"{uid} ({facts['dicom_slices']} slices"
                       + (f"; {len(others)} other series ignored)" if others else ")"))
+        label = " · ".join(facts[k] for k in ("dicom_modality", "dicom_description") if facts.get(k))
+        if label:
+            table.add_row("DICOM modality", escape(label))
     z, y, x = facts["size_zyx"]
     table.add_row("size (Z, Y, X)", f"{z} × {y} × {x}" + (f", {facts['channels']} channels" if facts["channels"] > 1 else ""))
     table.add_row("spacing (x, y, z)", vec(facts["spacing_xyz_mm"]) + " mm")
@@ -32,7 +36,10 @@ def _render(console: Console, facts: dict) -> None:
     table.add_row("direction", " ".join(vec(d[i:i + 3], 3) for i in (0, 3, 6)))
     table.add_row("orientation", facts["orientation"] + " (world direction of increasing x, y, z index)")
     table.add_row("pixel type", str(facts["pixel_type"]))
-    table.add_row("intensity range", f"{facts['intensity_min']:.6g} … {facts['intensity_max']:.6g}")
+    if facts["intensity_min"] is not None:
+        table.add_row("intensity range", f"{facts['intensity_min']:.6g} … {facts['intensity_max']:.6g}")
+    if facts.get("nonfinite_voxels"):
+        table.add_row("NaN/Inf voxels", f"{facts['nonfinite_voxels']:,}")
     console.print(table)
     if facts.get("is_label_map"):
         labels = Table(title="labels", title_justify="left")
@@ -44,6 +51,14 @@ def _render(console: Console, facts: dict) -> None:
             labels.add_row(str(row["label"]), f"{row['voxels']:,}", f"{row['volume_mm3']:,.1f}",
                            f"{row['volume_mm3'] / 1000:,.2f}")
         console.print(labels)
+    if facts.get("is_color_label_map"):
+        colours = Table(title="colours (a colour-coded label map)", title_justify="left")
+        colours.add_column("colour", justify="right")
+        colours.add_column("voxels", justify="right")
+        colours.add_column("volume (mm³)", justify="right")
+        for row in facts["colors"]:
+            colours.add_row(str(tuple(row["color"])), f"{row['voxels']:,}", f"{row['volume_mm3']:,.1f}")
+        console.print(colours)
 
 
 @click.command(name="info")
@@ -53,9 +68,9 @@ def _render(console: Console, facts: dict) -> None:
               help="Treat the file as a label map (default: guess from its values).")
 @command_options
 def info(scan: str, series_uid: str | None, as_label: bool | None, console: Console) -> None:
-    """Describe SCAN (NIfTI, NRRD, MetaImage, PNG/TIFF, or a DICOM folder): size, spacing (mm),
+    """Describe SCAN (NIfTI, NRRD, MetaImage, PNG/TIFF/JPEG, or a DICOM folder): size, spacing (mm),
     origin, direction, orientation code, pixel type, intensity range, and for a label map the
-    voxel count and volume of every label."""
+    voxel count and volume (mm³) of every label (of every colour for a colour-coded mask)."""
     image = read_image(scan, series_uid=series_uid)
     facts = describe(image, as_label=as_label)
     console.emit(facts, render=lambda: _render(console, facts))
