@@ -204,3 +204,13 @@ def test_eval_does_not_import_torch(tmp_path):
             "medseg_cli.commands.evaluate; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_inline_label_names(medseg, tmp_path):
+    """--label-names also takes JSON inline (what the README's first command uses)."""
+    pred, ref = _cube_pair()
+    result = medseg("eval", _write(tmp_path / "p.nii.gz", pred), _write(tmp_path / "r.nii.gz", ref),
+                    "--label-names", '{"1": "lesion"}', "--labels", "lesion", "--json")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["per_case"]
+    assert row["label"] == "lesion" and 0 < row["dice"] < 1

@@ -31,10 +31,12 @@ def _parse_int_list(text: str, option: str, names: dict[str, int] | None = None)
 
 
 def read_label_names(path: str) -> dict[int, str]:
-    """{value: name} from a JSON file: ``{"1": "liver"}``, ``{"liver": 1}`` or ``{"labels": {...}}``."""
+    """{value: name} from JSON given inline or as a file: ``{"1": "liver"}``, ``{"liver": 1}`` or
+    ``{"labels": {...}}`` (a model card)."""
     file = Path(path)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        text = path if path.lstrip().startswith("{") else file.read_text(encoding="utf-8")
+        data = json.loads(text)
     except FileNotFoundError:
         raise InputError("label-names file not found", path=file, hint="Check the --label-names path.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -106,7 +108,7 @@ def _render(console: Console, report: dict) -> None:
 @click.option("--labels", "label_list", default=None, metavar="1,2",
               help="Label values (or names) to evaluate [default: every non-zero label found].")
 @click.option("--label-names", default=None, type=click.Path(path_type=str), metavar="JSON",
-              help='Names of the labels: {"1": "liver", ...} (a model card\'s "labels" works too).')
+              help='Names of the labels, inline JSON or a JSON file: {"1": "liver", ...} (a model card works too).')
 @click.option("--region", "regions", multiple=True, metavar="NAME=1,3",
               help="A merged region evaluated as one mask (repeatable), e.g. tumour_core=1,3.")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="MM | LABEL=MM,...",
