@@ -19,6 +19,7 @@ from typing import Iterator
 from .errors import InputError, ProcessingError
 
 SCRATCH_PREFIX = ".medseg-partial-"
+STALE_SCRATCH_SECONDS = 6 * 3600  # a scratch folder untouched this long was left by a killed process
 
 
 def _fsync_file(path: Path) -> None:
@@ -42,6 +43,28 @@ def ensure_writable_folder(folder: Path, *, for_file: Path | None = None) -> Non
                          hint="Choose a writable output location or fix its permissions.")
 
 
+_SWEPT: set[str] = set()  # folders already cleaned by this process
+
+
+def remove_stale_scratch(folder: Path) -> None:
+    """Delete scratch folders in ``folder`` that a killed process (``kill -9``) left behind: those not
+    modified for :data:`STALE_SCRATCH_SECONDS` (a live write touches its folder far more recently).
+    Each folder is looked at once per process."""
+    import time
+
+    key = os.path.abspath(folder)
+    if key in _SWEPT:
+        return
+    _SWEPT.add(key)
+    cutoff = time.time() - STALE_SCRATCH_SECONDS
+    try:
+        leftovers = [p for p in folder.glob(SCRATCH_PREFIX + "*") if p.is_dir() and p.stat().st_mtime < cutoff]
+    except OSError:
+        return
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextmanager
 def atomic_output(destination: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a scratch path with the destination's file name; move it (and companions) into place.
@@ -57,6 +80,7 @@ def atomic_output(destination: str | os.PathLike[str]) -> Iterator[Path]:
     if destination.is_dir():
         raise InputError("output path is an existing folder", path=destination,
                          hint="Give a file name, e.g. mask.nii.gz.")
+    remove_stale_scratch(folder)
     try:
         scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=folder))
     except OSError as err:

@@ -43,8 +43,12 @@ def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        import re  # torch names the forbidden callable ("... GLOBAL posix.system ...")
+
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        detail = f"it refers to {found.group(1)}" if found else str(err).splitlines()[0][:120]
         raise ModelError("refused to load: the checkpoint holds Python objects or code, not just weights "
-                         f"({str(err).splitlines()[0][:120]})", path=path,
+                         f"({detail})", path=path,
                          hint="Only load checkpoints from sources you trust; re-save it as a plain state_dict.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise ModelError(f"checkpoint is corrupt or truncated ({type(err).__name__})", path=path,

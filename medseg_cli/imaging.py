@@ -868,3 +868,29 @@ def describe(image: Image, *, as_label: bool | None = None) -> dict:
             facts["is_color_label_map"] = True
             facts["colors"] = colours
     return facts
+
+
+# ------------------------------------------------------------------------- 2D colour <-> grey
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's "L" conversion
+
+
+def match_planar_channels(image: Image, channels: int) -> Image:
+    """A 2D (single-slice) picture with the channel count a model wants: colour <-> grey.
+
+    RGB / RGBA (3 / 4 channels) -> 1 channel: BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (alpha
+    dropped), float32 (Z=1, Y, X). Grey (1 channel) -> 3: the grey plane repeated (3, 1, Y, X).
+    RGBA -> 3: alpha dropped. Anything else (3D volumes, other counts) is returned unchanged, so
+    the caller's channel check still reports it. The geometry is kept.
+    """
+    have = image.num_channels
+    if have == channels or not image.is_planar:
+        return image
+    if channels == 1 and have in (3, 4):
+        rgb = image.channels()[:3].astype(np.float32)
+        grey = sum(np.float32(w) * rgb[c] for c, w in enumerate(LUMA_WEIGHTS))
+        return image.with_array(grey.astype(np.float32), converted="grey from RGB")
+    if channels == 3 and have == 1:
+        return image.with_array(np.repeat(image.channels(), 3, axis=0), converted="RGB from grey")
+    if channels == 3 and have == 4:
+        return image.with_array(image.channels()[:3], converted="RGB from RGBA")
+    return image
