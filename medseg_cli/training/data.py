@@ -178,7 +178,8 @@ class CachedCase:
         return np.load(self.path("locations"))
 
 
-def cache_key(cases: Sequence[Case], preprocessing: dict, num_classes: int, label_map: dict | None = None) -> str:
+def cache_key(cases: Sequence[Case], preprocessing: dict, num_classes: int, label_map: dict | None = None,
+              channels: int | None = None) -> str:
     """A digest of what the cache depends on: preprocessing, labels, files (size + mtime)."""
     files = []
     for case in cases:
@@ -189,7 +190,9 @@ def cache_key(cases: Sequence[Case], preprocessing: dict, num_classes: int, labe
             except OSError:
                 files.append([p, -1, -1])
     blob = json.dumps({"v": CACHE_VERSION, "pre": preprocessing, "k": num_classes, "files": files,
-                       "map": {str(k): v for k, v in (label_map or {}).items()}}, sort_keys=True, default=str)
+                       "map": {str(k): v for k, v in (label_map or {}).items()},
+                       **({"ch": channels} if channels is not None else {})},  # 2D colour <-> grey conversion
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -277,7 +280,7 @@ def prepare_cache(cases: Sequence[Case], preprocessing: dict, num_classes: int, 
     from ..imaging import match_planar_channels, read_channels, read_image
     from ..progress import ensure_progress
 
-    key = cache_key(cases, preprocessing, num_classes, label_map)
+    key = cache_key(cases, preprocessing, num_classes, label_map, channels)
     target = Path(folder) / key
     index_path = target / "index.json"
     if index_path.is_file():
