@@ -699,6 +699,12 @@ def write_image(image: Image, path: str | os.PathLike[str], *, label: bool = Fal
                                            sitk.sitkVectorUInt16):
             raise InputError(f"{suffix} stores only 8/16-bit unsigned pixels", path=path,
                              hint="Write a label map (integers 0..65535) or use .tif/.nii.gz.")
+    return write_sitk_image(sitk_image, path, compress=compress)
+
+
+def write_sitk_image(sitk_image: sitk.Image, path: str | os.PathLike[str], *, compress: bool = True) -> Path:
+    """Write a prepared SimpleITK image atomically, checked complete before it replaces ``path``."""
+    path = Path(path)
     with atomic_output(path) as temp_path:
         try:
             sitk.WriteImage(sitk_image, str(temp_path), useCompression=compress)

@@ -12,10 +12,12 @@ from ..atomic import ensure_writable_folder
 from ..console import Console, command_options, escape
 from ..errors import InputError
 from ..imaging import file_suffix, read_channels
+from ..inference.cascade import CascadePredictor, is_cascade_path, load_cascade
 from ..inference.cohort import Case, discover_cases, parse_shard, run_cases, select_shard
 from ..inference.postprocess import PROBABILITY_DTYPES, is_slicer_segmentation, write_labels, write_probabilities
 from ..inference.predictor import Predictor, check_channels
 from ..inference.runners import DEVICES, load_runner
+from ..inference.streaming import open_picture, should_stream, stream_predict, stream_problem
 
 OUTPUT_FORMATS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".png", ".tif")  # .png / .tif: 2D only
 
@@ -47,11 +49,30 @@ def _volume_table(rows: list[dict]) -> Table:
     return table
 
 
+def _streamed(stream: bool | None, cohort: bool, case: Case, mask_path: Path, probs_path: Path | None,
+              keep_largest: bool, predictor: Predictor) -> bool:
+    """Whether this case is predicted tile by tile (``--stream``, or automatic for big 2D MetaImages)."""
+    if stream is False:
+        return False
+    if stream:
+        if (cohort or len(case.paths) != 1 or probs_path is not None or keep_largest
+                or type(predictor) is not Predictor):
+            raise InputError("--stream takes one picture and a plain model, without --probabilities or --keep-largest",
+                             path=case.paths[0], hint="Drop --stream, or predict one file with a .mha output.")
+        return True
+    if (cohort or len(case.paths) != 1 or probs_path is not None or keep_largest or type(predictor) is not Predictor
+            or not should_stream(case.paths[0])):
+        return False
+    if not mask_path.name.lower().endswith(".mha"):
+        return False
+    return stream_problem(predictor.card, predictor.preprocessor, open_picture(case.paths[0]).geometry) is None
+
+
 @click.command(name="predict")
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Mask file (.nii.gz, .nrrd, .mha; .seg.nrrd = 3D Slicer segmentation), or a folder for a cohort.")
-@click.option("-m", "--model", default=None, help="Model name (see `medseg models`) or path to .onnx / checkpoint .pt.")
+@click.option("-m", "--model", default=None, help="Model name (see `medseg models`), path to .onnx / checkpoint .pt, or a locator->segmenter cascade card (.cascade.json).")
 @click.option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True,
               help="ONNX Runtime, or torch for a checkpoint.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
@@ -77,11 +98,15 @@ def _volume_table(rows: list[dict]) -> Table:
 @click.option("--series", "series_uid", default=None, help="DICOM SeriesInstanceUID when a folder holds several.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: physical cores).")
 @click.option("--offline", is_flag=True, help="Never download: use only cached models.")
+@click.option("--stream/--no-stream", "stream", default=None,
+              help="Predict a large 2D uncompressed .mha/.mhd picture tile by tile into a .mha mask with bounded "
+                   "memory (default: automatic above 64 megapixels when the model allows it).")
 @command_options
 def predict(inputs: tuple[str, ...], output: Path, model: str | None, backend: str, device: str,
             channels: str | None, overlap: float, batch_size: int, tta: bool, probabilities_path: Path | None,
             prob_dtype: str, keep_largest: bool, pad_mode: str, shard: str | None, overwrite: bool,
-            out_format: str, series_uid: str | None, threads: int | None, offline: bool, console: Console) -> None:
+            out_format: str, series_uid: str | None, threads: int | None, offline: bool, stream: bool | None,
+            console: Console) -> None:
     """Segment INPUT with a model and write the mask on the input's exact grid (shape, spacing,
     origin, direction).
 
@@ -94,12 +119,18 @@ def predict(inputs: tuple[str, ...], output: Path, model: str | None, backend: s
     """
     shard_spec = parse_shard(shard)
     progress = console.progress()
-    runner = load_runner(model or _default_model(), backend=backend, device=device, threads=threads,
-                         offline=offline, progress=progress)
+    if is_cascade_path(model):  # a locator -> segmenter cascade card (*.cascade.json): both stages run
+        runner = load_cascade(model, backend=backend, device=device, threads=threads, offline=offline,
+                              progress=progress)
+        predictor_type = CascadePredictor
+    else:
+        runner = load_runner(model or _default_model(), backend=backend, device=device, threads=threads,
+                             offline=offline, progress=progress)
+        predictor_type = Predictor
     card = runner.card
     cases, cohort = discover_cases(list(inputs), card, channels)
-    predictor = Predictor(runner, overlap=overlap, tta=tta, batch_size=batch_size, keep_largest=keep_largest,
-                          pad_mode=pad_mode)
+    predictor = predictor_type(runner, overlap=overlap, tta=tta, batch_size=batch_size, keep_largest=keep_largest,
+                               pad_mode=pad_mode)
     announced = []
 
     def announce() -> None:  # once, when the first scan is known to fit (so a bad input gives one line only)
@@ -144,6 +175,10 @@ def predict(inputs: tuple[str, ...], output: Path, model: str | None, backend: s
                                  hint="Write masks to another file or folder (-o).")
         if cohort and not overwrite and mask_path.exists() and (probs_path is None or probs_path.exists()):
             return {"status": "skipped", "output": str(mask_path), "reason": "output exists (use --overwrite)"}
+        if _streamed(stream, cohort, case, mask_path, probs_path, keep_largest, predictor):
+            announce()
+            rows = stream_predict(predictor, case.paths[0], mask_path, progress=progress)
+            return {"output": str(mask_path), "probabilities": None, "volumes": rows, "streamed": True}
         scan = [read_channels(case.paths, series_uid=series_uid)]
         check_channels(scan[0], card)
         announce()

@@ -10,10 +10,9 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..atomic import atomic_output
 from ..card import ModelCard
-from ..errors import InputError, ProcessingError
-from ..imaging import Geometry, Image, smallest_label_dtype, to_sitk, verify_written, write_image
+from ..errors import InputError
+from ..imaging import Geometry, Image, smallest_label_dtype, to_sitk, write_image, write_sitk_image
 
 PROBABILITY_DTYPES = ("float32", "uint8")
 
@@ -159,13 +158,7 @@ def write_slicer_segmentation(labels: Image, path: str | os.PathLike[str], card:
     sitk_image = to_sitk(Image(array, labels.geometry), label=True, planar=False)
     for key, value in _slicer_metadata(array, card).items():
         sitk_image.SetMetaData(key, value)
-    with atomic_output(path) as temp_path:
-        try:
-            sitk.WriteImage(sitk_image, str(temp_path), useCompression=True)
-        except RuntimeError as err:
-            raise ProcessingError(f"writing failed ({str(err).strip().splitlines()[-1][:160]})", path=path) from None
-        verify_written(temp_path, path)
-    return path
+    return write_sitk_image(sitk_image, path, compress=True)
 
 
 def write_labels(labels: Image, path: str | os.PathLike[str], card: ModelCard) -> Path:
