@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..card import ModelCard
 from ..errors import InputError
