@@ -17,7 +17,7 @@ from ..inference.cohort import Case, discover_cases, parse_shard, run_cases, sel
 from ..inference.postprocess import PROBABILITY_DTYPES, is_slicer_segmentation, write_labels, write_probabilities
 from ..inference.predictor import Predictor, check_channels
 from ..inference.runners import DEVICES, load_runner
-from ..inference.streaming import open_picture, should_stream, stream_predict, stream_problem
+from ..inference.streaming import check_stream, open_picture, should_stream, stream_predict, stream_problem
 
 OUTPUT_FORMATS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".png", ".tif")  # .png / .tif: 2D only
 
@@ -176,6 +176,7 @@ def predict(inputs: tuple[str, ...], output: Path, model: str | None, backend: s
         if cohort and not overwrite and mask_path.exists() and (probs_path is None or probs_path.exists()):
             return {"status": "skipped", "output": str(mask_path), "reason": "output exists (use --overwrite)"}
         if _streamed(stream, cohort, case, mask_path, probs_path, keep_largest, predictor):
+            check_stream(predictor, case.paths[0], mask_path)
             announce()
             rows = stream_predict(predictor, case.paths[0], mask_path, progress=progress)
             return {"output": str(mask_path), "probabilities": None, "volumes": rows, "streamed": True}

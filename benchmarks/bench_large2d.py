@@ -1,0 +1,117 @@
+"""Peak memory and time of tile-streamed ``medseg predict`` on a very large 2D picture.
+
+    .venv/bin/python benchmarks/bench_large2d.py [--size 20000] [--patch 512] [--batch 8] [--threads N]
+                                                 [--folder /tmp/bench_large2d] [--keep]
+
+(run from the repository root). It writes a ``size`` x ``size`` uint8 picture as an uncompressed
+``.mha`` (400 MB at 20000; free disk is checked first: the picture plus its mask), exports a tiny 2D
+network (3x3 conv 1 -> 4, ReLU, 3x3 conv 4 -> 2, seeded; z-score preprocessing, softmax) to ONNX
+with ``patch`` x ``patch`` windows, then runs ``medseg predict --stream`` (overlap 0.25, ``--batch``)
+in a fresh process and reports its wall time and peak RSS (``ru_maxrss`` of that process from
+``wait4``; the parent never imports torch, so nothing of it is carried into the child's figure). The
+peak must stay under 2 GB (exit 1 otherwise); the whole-image path would need about
+``size² x 4 bytes x (1 + K - 1)`` for the network input and accumulators alone (3.2 GB at 20000, K = 2)
+before the scan itself. The mask is read back (memory-mapped) and its label fractions printed.
+Peak RSS includes the file-backed pages of the memory-mapped picture and mask that the process
+touched; the kernel may drop those under pressure, unlike the anonymous memory of the whole-image path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+LIMIT_BYTES = 2 * 1024 ** 3
+
+EXPORT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, "tests")
+    from test_runners import export_tiny_onnx, make_card
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 2, 3, padding=1)).eval()
+    patch = int(sys.argv[2])
+    card = make_card(in_channels=1, num_classes=2, input_patch=(patch, patch), spatial_dims=2,
+                     architecture="unet2d", preprocessing={"normalization": {"kind": "zscore"}})
+    export_tiny_onnx(net, card, __import__("pathlib").Path(sys.argv[1]))
+""")
+
+
+def write_picture(path: Path, size: int) -> None:
+    """A uint8 ``size`` x ``size`` picture, written 1000 rows at a time (smooth waves plus noise)."""
+    header = ("ObjectType = Image\nNDims = 2\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+              "CompressedData = False\nTransformMatrix = 1 0 0 1\nOffset = 0 0\nCenterOfRotation = 0 0\n"
+              "ElementSpacing = 0.25 0.25\nDimSize = {0} {0}\nElementType = MET_UCHAR\n"
+              "ElementDataFile = LOCAL\n").format(size).encode()
+    rng = np.random.default_rng(0)
+    x = np.arange(size, dtype=np.float32)
+    with open(path, "wb") as handle:
+        handle.write(header)
+        for y0 in range(0, size, 1000):
+            y = np.arange(y0, min(y0 + 1000, size), dtype=np.float32)[:, None]
+            waves = 128 + 60 * np.sin(x / 700.0) * np.cos(y / 900.0) + 40 * np.sin((x + y) / 130.0)
+            block = np.clip(waves + rng.normal(0, 10, waves.shape), 0, 255).astype(np.uint8)
+            handle.write(block.tobytes())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=20000)
+    parser.add_argument("--patch", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/bench_large2d"))
+    parser.add_argument("--keep", action="store_true", help="keep the picture, model and mask")
+    args = parser.parse_args()
+    folder: Path = args.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    need = 2 * args.size * args.size + (64 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        print(f"not enough disk in {folder}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed", file=sys.stderr)
+        return 2
+    picture, model, mask = folder / "picture.mha", folder / "tiny2d.onnx", folder / "mask.mha"
+    try:
+        start = time.perf_counter()
+        write_picture(picture, args.size)
+        print(f"picture {args.size} x {args.size} uint8 ({picture.stat().st_size / 1e6:.0f} MB) written in "
+              f"{time.perf_counter() - start:.1f} s")
+        subprocess.run([sys.executable, "-c", EXPORT, str(model), str(args.patch)], check=True)
+        command = [sys.executable, "-m", "medseg_cli", "predict", "--model", str(model), str(picture), "-o", str(mask),
+                   "--stream", "--overlap", "0.25", "--batch", str(args.batch), "--quiet"]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        start = time.perf_counter()
+        child = subprocess.Popen(command)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            print(f"medseg predict failed (exit {child.returncode})", file=sys.stderr)
+            return 1
+        peak = usage.ru_maxrss * 1024
+        header = mask.read_bytes()[:1024]
+        offset = header.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+        labels = np.memmap(mask, dtype=np.uint8, mode="r", offset=offset, shape=(args.size, args.size))
+        fraction = float(np.mean([np.count_nonzero(labels[y:y + 1000]) for y in range(0, args.size, 1000)]))
+        fraction /= 1000 * args.size
+        print(f"streamed predict: {seconds:.1f} s wall, peak RSS {peak / 2 ** 20:.0f} MiB "
+              f"(limit {LIMIT_BYTES / 2 ** 30:.0f} GiB); patch {args.patch}, batch {args.batch}; "
+              f"foreground fraction {fraction:.3f}")
+        return 0 if peak < LIMIT_BYTES else 1
+    finally:
+        if not args.keep:
+            for path in (picture, model, mask):
+                path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
