@@ -271,19 +271,24 @@ def _values(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return values
 
 
+def merge_moments(moments: tuple[int, float, float], chunk: np.ndarray) -> tuple[int, float, float]:
+    """Fold a non-empty chunk of values into running ``(count, mean, M2)`` (Chan et al.'s parallel
+    update, in float64); ``sqrt(M2 / count)`` is the population standard deviation."""
+    count, mean, m2 = moments
+    values = chunk.astype(np.float64).reshape(-1)
+    n = values.size
+    chunk_mean = float(values.mean())
+    chunk_m2 = float(np.square(values - chunk_mean).sum())
+    delta = chunk_mean - mean
+    total = count + n
+    return total, mean + delta * n / total, m2 + chunk_m2 + delta * delta * count * n / total
+
+
 def _mean_std(values: np.ndarray) -> tuple[float, float]:
     """Mean and (population) standard deviation of a 1-D array, in float64, chunk by chunk."""
     count, mean, m2 = 0, 0.0, 0.0
     for start in range(0, values.size, _CHUNK):
-        chunk = values[start:start + _CHUNK].astype(np.float64)
-        n = chunk.size
-        chunk_mean = float(chunk.mean())
-        chunk_m2 = float(np.square(chunk - chunk_mean).sum())
-        delta = chunk_mean - mean
-        total = count + n
-        mean += delta * n / total
-        m2 += chunk_m2 + delta * delta * count * n / total
-        count = total
+        count, mean, m2 = merge_moments((count, mean, m2), values[start:start + _CHUNK])
     if count == 0:
         return 0.0, 0.0
     return mean, math.sqrt(max(m2 / count, 0.0))

@@ -34,7 +34,7 @@ import numpy as np
 from ..atomic import atomic_output
 from ..errors import InputError
 from ..imaging import Geometry, Image, match_planar_channels
-from ..preprocessing import _CHUNK, _standardise, ct_window, scale
+from ..preprocessing import _CHUNK, _standardise, ct_window, merge_moments, scale
 from ..progress import Progress, ensure_progress
 from .postprocess import label_values, probabilities_to_labels
 
@@ -180,7 +180,7 @@ def _converted(block: np.ndarray, channels: int) -> np.ndarray:
 def _zscore_statistics(picture: RawPicture, channels: int) -> list[tuple[float, float]]:
     """Per model channel: (mean, std) over every pixel, the same chunked float64 sums as ``zscore``."""
     height, width = picture.shape
-    state = [[0, 0.0, 0.0] for _ in range(channels)]
+    state: list[tuple[int, float, float]] = [(0, 0.0, 0.0)] * channels
     band_rows = max(1, (16 * _CHUNK) // width)                       # read a few chunks' worth of rows at once
     pending = np.empty((0, 1, picture.channels), dtype=picture.array.dtype)
     for band in range(0, height, band_rows):
@@ -200,16 +200,7 @@ def _fold(state: list, part: np.ndarray) -> None:
         values = part[c].reshape(-1)
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             values = np.where(np.isfinite(values), values, 0).astype(values.dtype)
-        chunk = values.astype(np.float64)
-        count, mean, m2 = state[c]
-        n = chunk.size
-        chunk_mean = float(chunk.mean())
-        chunk_m2 = float(np.square(chunk - chunk_mean).sum())
-        delta = chunk_mean - mean
-        total = count + n
-        mean += delta * n / total
-        m2 += chunk_m2 + delta * delta * count * n / total
-        state[c] = [total, mean, m2]
+        state[c] = merge_moments(state[c], values)
 
 
 def _normaliser(preprocessor, picture: RawPicture, channels: int):
