@@ -40,6 +40,11 @@ def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise ModelError("checkpoint not found", path=path, hint="Check the path.")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic[:4] != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save: a zip archive, or a legacy pickle
+        raise ModelError("is not a torch checkpoint (torch.save writes a zip archive or a pickle)", path=path,
+                         hint="Give the .pt file that `medseg train` wrote (last.pt / best.pt).")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

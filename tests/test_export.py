@@ -89,6 +89,10 @@ def test_medseg_export_cli_errors_are_one_line_with_exit_code(tmp_path, medseg):
     missing = medseg("export", tmp_path / "nope.pt", "-o", out)
     assert missing.returncode == 3 and "nope.pt" in missing.stderr and "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and not out.exists()
+    not_torch = tmp_path / "scan.nii.gz"  # a newcomer's slip: an image instead of the checkpoint
+    not_torch.write_bytes(b"\x1f\x8b\x08\x00" + bytes(64))
+    wrong = medseg("export", not_torch, "-o", out)
+    assert wrong.returncode == 3 and "is not a torch checkpoint" in wrong.stderr and not out.exists()
 
 
 def test_static_export_pins_the_spatial_axes_but_not_the_batch(tmp_path):
