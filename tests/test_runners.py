@@ -208,3 +208,42 @@ def test_cuda_request_falls_back_with_one_warning(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "CUDA" not in done.stdout and "Error" not in done.stderr and "Failed" not in done.stderr
+
+
+def test_bf16_precision_follows_fp32_or_says_why_not(tmp_path):
+    """--precision bf16: autocast on CPUs with native bfloat16 (close to float32, same labels almost
+    everywhere); on other CPUs float32 is kept with one warning. fp16 on CPU is refused; mixed
+    precision on an ONNX file names the torch checkpoint to use instead."""
+    from medseg_cli.errors import InputError
+    from medseg_cli.inference import runners
+    from medseg_cli.zoo import build_model
+
+    torch.manual_seed(3)
+    kwargs = {"init_features": 8, "num_levels": 3}
+    model = build_model("unet3d", 1, 3, **kwargs).eval()
+    card = make_card(num_classes=3, input_patch=(16, 16, 16), architecture_kwargs=kwargs)
+    batch = np.random.default_rng(5).normal(size=(2, 1, 16, 16, 16)).astype(np.float32)
+    reference = TorchRunner(model, card, device="cpu").predict_batch(batch)
+    runners._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mixed = TorchRunner(model, card, device="cpu", precision="bf16")
+    warned = [str(w.message) for w in caught if issubclass(w.category, MedsegWarning)]
+    if runners.cpu_has_native_bf16():
+        assert mixed.precision == "bf16" and mixed.description == "torch (cpu, bf16)" and not warned
+        out = mixed.predict_batch(batch)
+        assert out.dtype == np.float32 and out.shape == reference.shape
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+        assert 0 < np.abs(out - reference).max() < 0.1  # really rounded, and still close
+        assert (out.argmax(1) == reference.argmax(1)).mean() > 0.97
+    else:
+        assert mixed.precision == "fp32" and len(warned) == 1 and "no native bfloat16" in warned[0]
+        np.testing.assert_array_equal(mixed.predict_batch(batch), reference)
+    with pytest.raises(InputError, match="fp16 needs CUDA"):
+        TorchRunner(model, card, device="cpu", precision="fp16")
+    with pytest.raises(InputError, match="unknown precision"):
+        TorchRunner(model, card, device="cpu", precision="int4")
+    onnx_path = export_tiny_onnx(model, card, tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match="torch back end") as info:
+        load_runner(onnx_path, device="cpu", precision="bf16")
+    assert "hippocampus-torch" in info.value.hint and info.value.exit_code == 3

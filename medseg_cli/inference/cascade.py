@@ -250,13 +250,15 @@ class Cascade:
 
 
 def load_cascade(path: str | os.PathLike[str], backend: str = "onnx", device: str = "auto",
-                 threads: int | None = None, *, offline: bool = False, progress=None) -> Cascade:
+                 threads: int | None = None, *, offline: bool = False, progress=None,
+                 precision: str = "fp32") -> Cascade:
     """Read a ``*.cascade.json`` card and load both stages with :func:`runners.load_runner`."""
     from .runners import load_runner
 
     spec = CascadeSpec.load(path)
     stages = [load_runner(spec.stage_path(which), backend=backend, device=device, threads=threads,
-                          offline=offline, progress=progress) for which in ("locator", "segmenter")]
+                          offline=offline, progress=progress, precision=precision)
+              for which in ("locator", "segmenter")]
     return Cascade(spec, *stages)
 
 
