@@ -63,17 +63,29 @@ def colors_to_labels(colours: np.ndarray, table: Mapping, *, source: str | None 
     if colours.shape[0] != width:
         raise InputError(f"mask has {colours.shape[0]} colour channels but the colour table has {width}",
                          path=source, hint="Give colours with as many values as the mask has channels.")
+    table_codes = {_code(colour): label for label, colour in table.items()}
+    described = "the colour table {" + ", ".join(f"{k}: {list(v)}" for k, v in table.items()) + "}"
+    return _lookup(colours, table_codes, max(table), source=source, described=described,
+                   hint="Add it to the config's colour table, or check the mask is lossless (PNG).")
+
+
+def _code(colour: Sequence[int]) -> int:
+    """One integer per colour: its values as base-65536 digits."""
+    code = 0
+    for value in colour:
+        code = code * 65536 + int(value)
+    return code
+
+
+def _lookup(colours: np.ndarray, table_codes: Mapping[int, int], max_label: int, *, source: str | None,
+            described: str, hint: str) -> np.ndarray:
+    """``(C, ...)`` colours -> ``(...)`` labels by ``{colour code: label}``; an unlisted colour is an
+    :class:`InputError` naming it, its pixel count, its first index, ``described`` (the table) and ``source``."""
+    width = colours.shape[0]
     flat = colours.reshape(width, -1).astype(np.int64)
-    # One integer code per colour: base-65536 digits.
     codes = np.zeros(flat.shape[1], dtype=np.int64)
     for channel in flat:
         codes = codes * 65536 + channel
-    table_codes = {}
-    for label, colour in table.items():
-        code = 0
-        for value in colour:
-            code = code * 65536 + value
-        table_codes[code] = label
     unique, inverse = np.unique(codes, return_inverse=True)
     unknown = [code for code in unique if int(code) not in table_codes]
     if unknown:
@@ -81,14 +93,34 @@ def colors_to_labels(colours: np.ndarray, table: Mapping, *, source: str | None 
         first = int(np.flatnonzero(codes == code)[0])
         position = np.unravel_index(first, colours.shape[1:])
         count = int(np.count_nonzero(codes == code))
-        colour = [(code // 65536 ** (width - 1 - i)) % 65536 for i in range(width)]
+        colour = [(code // 65536 ** (width - 1 - i)) % 65536 for i in range(width)] if width > 1 else [code]
         raise InputError(f"colour {colour} ({count} pixels, first at index {tuple(int(p) for p in position)}) "
-                         f"is not in the colour table {{{', '.join(f'{k}: {list(v)}' for k, v in table.items())}}}",
-                         path=source, hint="Add it to the config's colour table, or check the mask is lossless (PNG).")
-    max_label = max(table)
+                         f"is not in {described}", path=source, hint=hint)
     dtype = np.uint8 if max_label < 256 else np.uint16
     lookup = np.array([table_codes[int(code)] for code in unique], dtype=dtype)
-    return lookup[inverse].reshape(colours.shape[1:])
+    return lookup[inverse.reshape(-1)].reshape(colours.shape[1:])
+
+
+def apply_label_map(colours: np.ndarray, label_map: Mapping[tuple[int, ...], int], *, source: str | None = None,
+                    option: str = "--label-map") -> np.ndarray:
+    """Map a mask to labels with a parsed ``{raw: class}`` map (training's ``data.label_map`` syntax,
+    keys ``(r, g, b)`` for colour masks or ``(value,)`` for grey ones; see ``training.config.parse_label_map``).
+
+    colours: ``(C, ...)`` integer values, C equal to the keys' length. Returns ``(...)`` labels (uint8,
+    uint16 above 255). Several raw colours may map to one class. Raises :class:`InputError` naming
+    ``source`` and the first unlisted colour (with its pixel count and first index).
+    """
+    width = len(next(iter(label_map)))
+    if colours.shape[0] != width:
+        raise InputError(f"mask has {colours.shape[0]} channel(s) but the {option} keys have {width} value(s)",
+                         path=source, hint=f"Give {option} keys with as many values as the mask has channels.")
+    if not np.issubdtype(colours.dtype, np.integer):
+        raise InputError(f"mask has pixel type {colours.dtype}; {option} maps integer values", path=source)
+    table_codes = {_code(raw): int(label) for raw, label in label_map.items()}
+    keys = ", ".join('"' + ",".join(map(str, raw)) + f'": {label}' for raw, label in label_map.items())
+    return _lookup(colours, table_codes, max(label_map.values()), source=source,
+                   described=f"{option} {{{keys}}}",
+                   hint=f"Add it to {option}, or check the mask is lossless (PNG, not JPEG).")
 
 
 def labels_to_colors(labels: np.ndarray, table: Mapping, *, source: str | None = None) -> np.ndarray:

@@ -44,7 +44,7 @@ def test_real_pair_reports(medseg, shared_data, tmp_path):
     assert [r["label"] for r in rows] == ["1", "2", "3", "kidneys"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["summary"]["1"]["metrics"]["dice"]["mean"] == pytest.approx(float(rows[0]["dice"]))
-    assert report["summary"]["kidneys"]["label_values"] == "2+3"
+    assert report["summary"]["kidneys"]["label_values"] == "2+3" and summary["size_unit"] == "mm3"
     # Dice recomputed independently from the files
     import SimpleITK as sitk
 
@@ -214,3 +214,80 @@ def test_inline_label_names(medseg, tmp_path):
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)["per_case"]
     assert row["label"] == "lesion" and 0 < row["dice"] < 1
+
+
+# ------------------------------------------------------------------------ colour-coded masks
+US_LABEL_MAP = '{"0,0,0": 0, "128,0,0": 1, "0,128,0": 2}'   # the ultrasound config's data.label_map
+US_NAMES = '{"1": "nerve", "2": "vessel"}'
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_colour_masks_are_mapped_to_labels_with_label_map(medseg, shared_data, tmp_path):
+    """Real RGB ultrasound masks against the same masks as grey label maps: Dice 1 either way round."""
+    from medseg_cli.labelmaps import colors_to_labels
+    from medseg_cli.imaging import read_image
+
+    colour, grey = tmp_path / "colour", tmp_path / "grey"
+    colour.mkdir()
+    grey.mkdir()
+    for case in ("0000", "0001"):
+        source = shared_data / "ultrasound" / "masks" / f"{case}.png"
+        (colour / f"{case}.png").symlink_to(source)
+        image = read_image(source)
+        labels = colors_to_labels(image.channels(), {0: [0, 0, 0], 1: [128, 0, 0], 2: [0, 128, 0]})
+        write_image(Image(labels, image.geometry), grey / f"{case}.png", label=True)
+
+    refused = medseg("eval", grey, colour)                                    # colours need a map
+    assert refused.returncode == 2 and "3 channels" in _one_error_line(refused) and "--label-map" in refused.stderr
+
+    for pred, ref, label_map in ((grey, colour, US_LABEL_MAP), (colour, grey, US_LABEL_MAP),
+                                 (colour, colour, str(REPO / "configs" / "ultrasound_attention_unet2d.yaml"))):
+        result = medseg("eval", pred, ref, "--label-map", label_map, "--label-names", US_NAMES, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["cases"] == 2 and set(report["summary"]) == {"nerve", "vessel"}
+        for row in report["per_case"]:
+            assert row["dice"] == 1.0 and row["voxels_ref"] > 0, row
+        assert report["multiclass"]["classes"] == [0, 1, 2] and report["multiclass"]["miou"] == 1.0
+        assert report["size_unit"] == "pixels"                             # PNG areas: pixels, never mL
+    text = medseg("eval", grey, colour, "--label-map", US_LABEL_MAP)
+    assert text.returncode == 0 and "ΔA px" in text.stdout and "mL" not in text.stdout, text.stderr
+
+
+def test_a_colour_missing_from_the_label_map_is_one_clear_line(medseg, shared_data, tmp_path):
+    from medseg_cli.imaging import read_image
+
+    source = shared_data / "ultrasound" / "masks" / "0000.png"
+    colours = read_image(source).channels().copy()
+    colours[:, 0, 10:12, 20:23] = np.array([0, 0, 128], np.uint8)[:, None, None]   # 6 blue pixels
+    bad = write_image(Image(colours), tmp_path / "0000.png")
+    result = medseg("eval", bad, source, "--label-map", US_LABEL_MAP)
+    assert result.returncode == 2
+    line = _one_error_line(result)
+    assert str(bad) in line and "[0, 0, 128]" in line and "6 pixels" in line and "--label-map" in line
+    # a map file (YAML), an RGBA mask for an RGB map, and a map that is not one
+    yaml_map = tmp_path / "map.yaml"
+    yaml_map.write_text('label_map: {"0,0,0": 0, "128,0,0": 1}\n')
+    result = medseg("eval", source, source, "--label-map", yaml_map)
+    assert result.returncode == 2 and "[0, 128, 0]" in _one_error_line(result) and str(source) in result.stderr
+    rgba = write_image(Image(np.concatenate([colours, np.full_like(colours[:1], 255)])), tmp_path / "rgba.png")
+    result = medseg("eval", rgba, source, "--label-map", US_LABEL_MAP)
+    assert result.returncode == 2 and "4 channels" in _one_error_line(result) and "rgba.png" in result.stderr
+    result = medseg("eval", source, source, "--label-map", '{"0,0,0": 0, "128,0": 1}')
+    assert result.returncode == 2 and "--label-map" in _one_error_line(result)
+
+
+def test_a_region_named_like_a_label_is_refused(medseg, tmp_path):
+    pred, ref = _cube_pair()
+    p, r = _write(tmp_path / "p.nii.gz", pred), _write(tmp_path / "r.nii.gz", ref)
+    names = '{"1": "liver", "2": "spleen"}'
+    result = medseg("eval", p, r, "--label-names", names, "--region", "liver=1,2")
+    assert result.returncode == 2
+    line = _one_error_line(result)
+    assert "'liver' is already the name of label 1" in line and "another name" in line
+    result = medseg("eval", p, r, "--region", "2=1,2")                      # unnamed label 2 is called "2"
+    assert result.returncode == 2 and "'2' is the name of label 2" in _one_error_line(result)
+    result = medseg("eval", p, r, "--label-names", names, "--region", "organs=liver,spleen", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)["summary"]
+    assert set(summary) == {"liver", "spleen", "organs"} and summary["organs"]["kind"] == "region"

@@ -91,8 +91,14 @@ def test_info_json_on_every_file_in_shared_data(shared_data):
         assert (rows is not None) == is_mask, (path, facts["is_label_map"])
         if rows is not None:
             assert sum(row["voxels"] for row in rows) == total, path
-            for row in rows:
-                assert row["volume_mm3"] == pytest.approx(row["voxels"] * voxel, rel=1e-9)
+            for row in rows:  # 3D: volumes; 2D: areas (pixels for PNG/JPEG/TIFF, mm² otherwise)
+                if facts["size_unit"] == "mm3":
+                    assert row["volume_mm3"] == pytest.approx(row["voxels"] * voxel, rel=1e-9)
+                elif facts["size_unit"] == "mm2":
+                    pixel = facts["spacing_xyz_mm"][0] * facts["spacing_xyz_mm"][1]
+                    assert row["area_mm2"] == pytest.approx(row["voxels"] * pixel, rel=1e-9)
+                else:
+                    assert row["area_pixels"] == row["voxels"] and "volume_mm3" not in row
             seen_kinds.add("colors" if "colors" in facts else "labels")
         seen_kinds.add(facts["format"])
     assert {"labels", "colors", "NIfTI (gzip)", "NRRD", "PNG", "DICOM series"} <= seen_kinds
@@ -125,7 +131,7 @@ def test_info_human_output_dicom_and_colour_mask(medseg, shared_data):
         assert text in dicom.stdout, text
     mask = medseg("info", shared_data / "ultrasound" / "masks" / "0000.png")
     assert mask.returncode == 0, mask.stderr
-    assert "colour-coded label map" in mask.stdout and "(128, 0, 0)" in mask.stdout and "mm³" in mask.stdout
+    assert "colour-coded label map" in mask.stdout and "(128, 0, 0)" in mask.stdout and "area (pixels)" in mask.stdout
     label = medseg("info", "--quiet", shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz")
     assert label.returncode == 0 and "labels" in label.stdout and "volume (mm³)" in label.stdout
     assert label.stderr.strip() == ""

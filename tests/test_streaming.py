@@ -147,3 +147,22 @@ def test_streamed_zscore_statistics_equal_the_whole_image_ones(tmp_path, monkeyp
         expected = [preprocessing._mean_std(plane.reshape(-1))
                     for plane in match_planar_channels(image, model_channels).channels()]
         assert streaming._zscore_statistics(open_picture(source), model_channels) == expected
+
+
+def test_nan_pixels_give_the_whole_image_labels(models, tmp_path):
+    """A float picture with NaN pixels: whole-image prediction counts them as 0 (``Preprocessor.forward``
+    zeroes non-finite input before the z-score statistics), so the streamed statistics must as well."""
+    rng = np.random.default_rng(5)
+    coarse = rng.random((6, 8))
+    array = (np.kron(coarse, np.ones((40, 40)))[:220, :300] * 300 + 900).astype(np.float32)
+    array[::9, ::7] = np.nan                                          # 3% NaN, spread over every tile
+    array[100:110, 50:90] = np.inf
+    source = tmp_path / "nan.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(source), False)
+    predictor = Predictor(load_runner(str(models["grey"]), threads=1), overlap=0.5, batch_size=2)
+    with pytest.warns(Warning, match="NaN or infinite"):
+        whole = predictor.predict(read_image(source))
+    rows = stream_predict(predictor, source, tmp_path / "mask.mha", tile=64)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.mha")))
+    assert len(np.unique(labels)) > 1 and np.array_equal(labels, whole.labels.array)
+    assert rows == whole.rows

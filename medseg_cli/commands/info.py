@@ -7,6 +7,7 @@ from rich.table import Table
 
 from ..console import Console, command_options, escape
 from ..imaging import describe, read_image
+from ..sizes import VOLUME_MM3, size_columns, size_rows, size_unit
 
 
 def _render(console: Console, facts: dict) -> None:
@@ -44,20 +45,22 @@ def _render(console: Console, facts: dict) -> None:
     if facts.get("is_label_map"):
         labels = Table(title="labels", title_justify="left")
         labels.add_column("label", justify="right")
-        labels.add_column("voxels", justify="right")
-        labels.add_column("volume (mm³)", justify="right")
-        labels.add_column("volume (mL)", justify="right")
+        columns = size_columns(facts["size_unit"])
+        for heading, _ in columns:
+            labels.add_column(heading, justify="right")
         for row in facts["labels"]:
-            labels.add_row(str(row["label"]), f"{row['voxels']:,}", f"{row['volume_mm3']:,.1f}",
-                           f"{row['volume_mm3'] / 1000:,.2f}")
+            labels.add_row(str(row["label"]), *(cell(row) for _, cell in columns))
         console.print(labels)
     if facts.get("is_color_label_map"):
         colours = Table(title="colours (a colour-coded label map)", title_justify="left")
         colours.add_column("colour", justify="right")
-        colours.add_column("voxels", justify="right")
-        colours.add_column("volume (mm³)", justify="right")
+        columns = size_columns(facts["size_unit"])
+        if facts["size_unit"] == VOLUME_MM3:
+            columns = columns[:2]  # voxels and mm³, as before
+        for heading, _ in columns:
+            colours.add_column(heading, justify="right")
         for row in facts["colors"]:
-            colours.add_row(str(tuple(row["color"])), f"{row['voxels']:,}", f"{row['volume_mm3']:,.1f}")
+            colours.add_row(str(tuple(row["color"])), *(cell(row) for _, cell in columns))
         console.print(colours)
 
 
@@ -70,7 +73,12 @@ def _render(console: Console, facts: dict) -> None:
 def info(scan: str, series_uid: str | None, as_label: bool | None, console: Console) -> None:
     """Describe SCAN (NIfTI, NRRD, MetaImage, PNG/TIFF/JPEG, or a DICOM folder): size, spacing (mm),
     origin, direction, orientation code, pixel type, intensity range, and for a label map the
-    voxel count and volume (mm³) of every label (of every colour for a colour-coded mask)."""
+    voxel count and volume (mm³) of every label (of every colour for a colour-coded mask); for a 2D
+    picture the area instead: mm², or pixels for PNG/JPEG/TIFF/BMP (which store no physical size)."""
     image = read_image(scan, series_uid=series_uid)
     facts = describe(image, as_label=as_label)
+    facts["size_unit"] = size_unit(image.source, image.spatial_shape)
+    for key in ("labels", "colors"):
+        if key in facts:
+            facts[key] = size_rows(facts[key], facts["size_unit"], image.geometry)
     console.emit(facts, render=lambda: _render(console, facts))

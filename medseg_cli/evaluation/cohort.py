@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import InputError
 from ..imaging import Image, case_stem, read_image, to_sitk
 from ..progress import Progress, ensure_progress
+from ..sizes import size_unit
 from .metrics import (BOTH_EMPTY, EMPTY_CASES, METRIC_KEYS, STATUSES, class_scores, compare_masks,
                       confusion_matrix, miou_mpa)
 from .pairing import Pair, Pairing
@@ -34,6 +35,9 @@ class EvalOptions:
     region name. convention: ``element`` or ``voxel`` surfaces. resample_prediction: nearest-
     neighbour resampling of a prediction onto its reference's grid instead of refusing it.
     fov_mask: a mask file (every case) or folder (one per case stem): metrics only inside it.
+    label_map: ``((raw values...), class)`` pairs (training's ``data.label_map``): every prediction or
+    reference with as many channels as the raw keys have values (colour masks for ``R,G,B`` keys) is
+    mapped to classes before scoring; other files are read as label maps.
     """
 
     labels: tuple[int, ...] | None = None
@@ -44,6 +48,7 @@ class EvalOptions:
     convention: str = "element"
     resample_prediction: bool = False
     fov_mask: str | None = None
+    label_map: tuple[tuple[tuple[int, ...], int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.convention not in CONVENTIONS:
@@ -69,7 +74,8 @@ def as_label_array(image: Image, role: str) -> np.ndarray:
     """The image's voxels as an integer label map ``(Z, Y, X)``; :class:`InputError` if it is not one."""
     if image.has_channels and image.num_channels > 1:
         raise InputError(f"{role} has {image.num_channels} channels; a label map has one", path=image.source,
-                         hint="Give an integer label map (one value per voxel), not an RGB or probability image.")
+                         hint="Give an integer label map (one value per voxel), not a probability image; "
+                              "map a colour-coded mask with --label-map '{\"0,0,0\": 0, \"128,0,0\": 1}'.")
     array = image.array[0] if image.has_channels else image.array
     if array.dtype == bool:
         return array.astype(np.uint8)
@@ -87,6 +93,25 @@ def as_label_array(image: Image, role: str) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.integer):
         raise InputError(f"{role} has pixel type {array.dtype}, not an integer label map", path=image.source)
     return array
+
+
+def read_labels(image: Image, role: str, options: EvalOptions) -> np.ndarray:
+    """The label map ``(Z, Y, X)`` of a prediction or reference: mapped by ``options.label_map`` when the
+    file has as many channels as its keys have values, else checked by :func:`as_label_array`."""
+    if options.label_map:
+        from ..labelmaps import apply_label_map
+
+        width = len(options.label_map[0][0])
+        if image.num_channels == width:
+            channels = image.channels()
+            if width == 1:
+                channels = as_label_array(image, role)[None]
+            return apply_label_map(channels, dict(options.label_map), source=image.source)
+        if image.num_channels > 1:
+            raise InputError(f"{role} has {image.num_channels} channels but the --label-map keys have {width} "
+                             "value(s)", path=image.source,
+                             hint="Give --label-map keys with one value per channel, e.g. {\"128,0,0\": 1} for RGB.")
+    return as_label_array(image, role)
 
 
 def label_counts(array: np.ndarray) -> dict[int, int]:
@@ -164,8 +189,8 @@ def evaluate_case(pair: Pair, options: EvalOptions) -> dict:
     "classes", "confusion", "miou", "mpa", "reference_values", "prediction_values", "notes"}``."""
     ref_image = read_image(pair.reference)
     pred_image = read_image(pair.prediction)
-    ref = as_label_array(ref_image, "reference")
-    pred = as_label_array(pred_image, "prediction")
+    ref = read_labels(ref_image, "reference", options)
+    pred = read_labels(pred_image, "prediction", options)
     notes: list[str] = []
     differences = geometry_mismatch(pred_image, ref_image)
     if differences:
@@ -204,7 +229,8 @@ def evaluate_case(pair: Pair, options: EvalOptions) -> dict:
     miou, mpa = miou_mpa(matrix)
     return {"case": pair.case, "prediction": str(pair.prediction), "reference": str(pair.reference),
             "fov_mask": str(fov_file) if fov_file is not None else None,
-            "spacing_zyx_mm": list(spacing), "rows": rows, "classes": classes, "confusion": matrix.tolist(),
+            "spacing_zyx_mm": list(spacing), "size_unit": size_unit(pair.reference, ref.shape),
+            "rows": rows, "classes": classes, "confusion": matrix.tolist(),
             "miou": miou, "mpa": mpa, "reference_values": sorted(ref_counts), "prediction_values": sorted(pred_counts),
             "notes": notes}
 
@@ -311,8 +337,11 @@ def aggregate(results: list[dict], options: EvalOptions, pairing: Pairing | None
         for value in result["prediction_values"]:
             if value not in reference_set:
                 unexpected.setdefault(str(value), []).append(result["case"])
+    units = {r.get("size_unit") for r in results}
     report = {
         "cases": len(results),
+        # what volume_*_mm3 hold: mm3 (3D), mm2 or pixels (2D pictures, spacing 1 for PNG/JPEG/TIFF); None if mixed
+        "size_unit": units.pop() if len(units) == 1 else None,
         "convention": options.convention,
         "tolerance_mm": options.tolerance_mm,
         "labels": [{"label": t["label"], "values": t["label_values"], "kind": t["kind"]} for t in order],

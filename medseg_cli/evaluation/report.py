@@ -68,8 +68,13 @@ def summary_table(report: dict):
     title = (f"{report['cases']} case(s), {report['convention']} surfaces, NSD at {tolerance:g} mm "
              "(per-label overrides in per_case.csv)")
     table = Table(title=title, title_justify="left")
+    # volume_diff_mm3 is an area for 2D pictures (mm², or pixels for PNG/JPEG/TIFF): never shown as mL there
+    unit = report.get("size_unit", "mm3")
+    size_heading, size_scale, size_digits = {"mm3": ("ΔV mL", 1e-3, 2), "mm2": ("ΔA mm²", 1.0, 1),
+                                             "pixels": ("ΔA px", 1.0, 0)}.get(unit, ("ΔV mm³ / ΔA mm²", 1.0, 1))
     for column, justify in (("label", "left"), ("n", "right"), ("Dice", "right"), ("HD95 mm", "right"),
-                            ("ASSD mm", "right"), ("NSD", "right"), ("ΔV mL", "right"), ("empty b/p/r", "right")):
+                            ("ASSD mm", "right"), ("NSD", "right"), (size_heading, "right"),
+                            ("empty b/p/r", "right")):
         table.add_column(column, justify=justify, overflow="fold")
     for name, entry in report["summary"].items():
         metrics, status = entry["metrics"], entry["status"]
@@ -90,7 +95,8 @@ def summary_table(report: dict):
         volume = metrics["volume_diff_mm3"]
         label = escape(name if entry["kind"] == "label" else f"{name} ({entry['label_values']})")
         table.add_row(label, str(entry["cases"]), mean_sd("dice"), hd95_text, mean_sd("assd", 2),
-                      mean_sd("nsd"), _fmt(None if volume["mean"] is None else volume["mean"] / 1000, 2),
+                      mean_sd("nsd"), _fmt(None if volume["mean"] is None else volume["mean"] * size_scale,
+                                           size_digits),
                       f"{status['both_empty']}/{status['pred_empty']}/{status['ref_empty']}")
     multiclass = report["multiclass"]
     if multiclass["classes"]:

@@ -13,8 +13,15 @@ window reads its input from the tile's region grown by the window's reach, padde
 whole-image loop pads at the image border. Each pixel therefore sums the same Gaussian-weighted
 probabilities in the same order and is divided by the same summed weights: the labels are equal
 to ``Predictor.predict``'s, bit for bit (given a network whose per-window output does not depend
-on which other windows share its batch). Z-score statistics are computed in one streaming pass
-with the same chunking as :func:`medseg_cli.preprocessing.zscore`.
+on which other windows share its batch). Valid-convolution cards (``input_patch`` larger than
+``output_patch``) stream the same way: a window's reach is its output patch plus the card's margin
+on each side, so the region read for a tile grows by patch + margin per side. A foveation model
+(``medseg_cli.zoo.foveation``: context = s_max x the output patch) thus makes its per-location
+choice of view inside every window from that window's own context, exactly as over the whole image.
+Z-score statistics are computed in one streaming pass with the same chunking as
+:func:`medseg_cli.preprocessing.zscore`, over the values the whole-image path gives it:
+``Preprocessor.forward`` turns NaN/Inf pixels into 0 before normalising, so they count as 0 here too
+(dropping them, as ``zscore`` would on raw input, changes the labels).
 
 Supported: 2D cards whose preprocessing keeps the pixel grid (no RoI, no resampling, no crop) and
 normalises per pixel (none, scale, ct_window) or with global statistics (zscore). Anything else
@@ -195,7 +202,12 @@ def _zscore_statistics(picture: RawPicture, channels: int) -> list[tuple[float, 
 
 
 def _fold(state: list, part: np.ndarray) -> None:
-    """Add one chunk (C', n, 1) to the running (count, mean, M2) per channel, as ``_mean_std`` does."""
+    """Add one chunk (C', n, 1) to the running (count, mean, M2) per channel, as ``_mean_std`` does.
+
+    Non-finite pixels count as 0, never dropped: ``Preprocessor.forward`` zeroes them before ``zscore``
+    sees the image, and the streamed labels must equal the whole-image ones
+    (``tests/test_streaming.py::test_nan_pixels_give_the_whole_image_labels``).
+    """
     for c in range(len(state)):
         values = part[c].reshape(-1)
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
@@ -279,7 +291,8 @@ def stream_predict(predictor, source: str | os.PathLike[str], output: str | os.P
     predictor: a :class:`~medseg_cli.inference.predictor.Predictor` (its runner, window, TTA and
         preprocessing are used; ``keep_largest`` is not supported here).
     tile: output pixels per tile side; memory is about (K - 1 + 2 C) float32 planes of
-        (tile + 2 patch)² pixels plus one batch, independent of the image size.
+        (tile + 2 (patch + margin))² pixels plus one batch, independent of the image size (margin: the
+        card's valid-convolution context per side, 0 for "same" nets).
     Returns the label rows (``label``, ``name``, ``voxels``, ``volume_mm3``) as ``Predictor`` does.
     """
     from ..errors import ProcessingError
