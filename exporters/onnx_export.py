@@ -4,7 +4,9 @@
 >>> export_onnx(model, card, "model.onnx")        # raises ModelError when ORT and torch disagree
 
 The graph has one input ``image`` of shape (N, C, *spatial) and one output ``logits`` of shape
-(N, K, *spatial_out); the batch axis is always dynamic, the spatial axes too unless ``dynamic=False``
+(N, K, *spatial_out), then the network's ``extra_output_names`` if it declares any (computed by its
+``forward_extras``: foveation's ``fov_weights`` (N, K)); runners read ``logits`` by name. The batch
+axis is always dynamic, the spatial axes too unless ``dynamic=False``
 or the network pins them (``fixed_shape``: slice attention's depth). Valid-convolution nets keep their
 margin (``spatial_out = spatial - 2 * margin``). Opset >= 17, IR version <= 13 (what ONNX Runtime 1.31
 reads). The model card is stored as JSON in ``metadata_props['medseg.card']``. The file is written
@@ -62,28 +64,58 @@ def dynamic_spatial_axes(model: torch.nn.Module, spatial_dims: int) -> list[int]
     return [axis for axis in range(spatial_dims) if axis not in fixed]
 
 
+def extra_outputs(model: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the outputs after ``logits`` that ``model`` declares (``extra_output_names``); its
+    ``forward_extras(x)`` returns ``(logits, *extras)``, each extra with the batch as its first axis."""
+    return tuple(getattr(model, "extra_output_names", ()) or ()) if hasattr(model, "forward_extras") else ()
+
+
+class _WithExtras(torch.nn.Module):
+    """Traces ``model.forward_extras`` (logits and the extra outputs) instead of ``model.forward``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.training = model.training  # the exporter restores this mode on the whole tree afterwards
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model.forward_extras(x))
+
+
+def torch_outputs(model: torch.nn.Module, example: torch.Tensor) -> list[np.ndarray]:
+    """The exported graph's outputs computed by torch: ``[logits, *extras]`` (see :func:`extra_outputs`)."""
+    with torch.no_grad():
+        outputs = model.forward_extras(example) if extra_outputs(model) else (model(example),)
+    return [o.numpy() for o in outputs]
+
+
 def to_onnx_bytes(model: torch.nn.Module, example: torch.Tensor, *, dynamic: bool = True,
                   opset: int = DEFAULT_OPSET) -> bytes:
     """Trace ``model`` (in eval mode) on ``example`` and return the serialised ONNX model.
 
     Axis 0 (batch) is always dynamic; with ``dynamic`` also the spatial axes of
-    :func:`dynamic_spatial_axes` (named ``d0``, ``d1`` ... in array order).
+    :func:`dynamic_spatial_axes` (named ``d0``, ``d1`` ... in array order). Extra outputs
+    (:func:`extra_outputs`) follow ``logits``, with a dynamic batch axis.
     """
     axes = {0: "batch"}
     if dynamic:
         axes.update({axis + 2: f"d{axis}" for axis in dynamic_spatial_axes(model, example.ndim - 2)})
+    extras = extra_outputs(model)
+    traced = _WithExtras(model) if extras else model
+    dynamic_axes = {"image": axes, "logits": dict(axes), **{name: {0: "batch"} for name in extras}}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes
-        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["image"], output_names=["logits"],
-                          opset_version=opset, dynamic_axes={"image": axes, "logits": dict(axes)},
+        torch.onnx.export(traced, (example,), buffer, dynamo=False, input_names=["image"],
+                          output_names=["logits", *extras], opset_version=opset, dynamic_axes=dynamic_axes,
                           do_constant_folding=True)
     return buffer.getvalue()
 
 
 def parity_difference(onnx_bytes: bytes, model: torch.nn.Module, example: torch.Tensor) -> float:
     """Max abs difference between ONNX Runtime (CPU) and torch outputs on ``example``, in units of the
-    output's scale: divided by ``max(1, max |torch output|)``.
+    output's scale: divided by ``max(1, max |torch output|)``; the largest over ``logits`` and the
+    extra outputs (:func:`extra_outputs`).
 
     Logits of a trained network reach tens; float32 kernels that sum in a different order then differ
     by a few 1e-4 in absolute terms (1e-5 relative), which changes no probability or label. Outputs
@@ -94,15 +126,17 @@ def parity_difference(onnx_bytes: bytes, model: torch.nn.Module, example: torch.
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-    (ort_out,) = session.run(["logits"], {"image": example.numpy()})
-    with torch.no_grad():
-        torch_out = model(example).numpy()
-    if ort_out.shape != torch_out.shape:
+    names = ["logits", *extra_outputs(model)]
+    if [o.name for o in session.get_outputs()] != names:
         return float("inf")
-    if not ort_out.size:
-        return 0.0
-    scale = max(1.0, float(np.max(np.abs(torch_out))))
-    return float(np.max(np.abs(ort_out - torch_out))) / scale
+    worst = 0.0
+    for ort_out, torch_out in zip(session.run(names, {"image": example.numpy()}), torch_outputs(model, example)):
+        if ort_out.shape != torch_out.shape:
+            return float("inf")
+        if ort_out.size:
+            scale = max(1.0, float(np.max(np.abs(torch_out))))
+            worst = max(worst, float(np.max(np.abs(ort_out - torch_out))) / scale)
+    return worst
 
 
 def export_onnx(model: torch.nn.Module, card: ModelCard, path: str | Path, *,

@@ -17,7 +17,10 @@ available piecewise for tile streaming over images too large for memory:
   ``fov_padding``) and resample it into the K views (K, C, P, P);
 * :meth:`Foveation.fov_weights` -- the (N, K) distribution of a context patch;
 * :meth:`Foveation.foveation_map` -- the seed's F_Xlr: (N, K, h, w) over a whole low-resolution image;
-* :meth:`Foveation.forward_views` -- fuse given views with given weights and segment.
+* :meth:`Foveation.forward_views` -- fuse given views with given weights and segment;
+* :meth:`Foveation.forward_with_weights` -- the logits and the (N, K) fusion weights that were applied:
+  the ONNX export carries them as a second output ``fov_weights``, from which ``medseg predict
+  --foveation-map`` draws the view chosen at every pixel (``medseg_cli.inference.foveation_map``).
 
 Differences from the seed (lxasqjc/Foveation-Segmentation), all deliberate:
 
@@ -348,12 +351,11 @@ class Foveation(nn.Module):
         """Fuse views (N, K, C, P_y, P_x) with weights (N, K) and segment: (N, num_classes, P_y, P_x)."""
         return self.segmenter(fuse_views(views, weights))
 
-    def forward(self, context: torch.Tensor, weights: torch.Tensor | None = None,
-                force_config: int | None = None) -> torch.Tensor:
-        """Logits (N, num_classes, P_y, P_x) of the central patch of ``context`` (N, C, s_max P_y, s_max P_x).
-
-        ``weights`` (N, K) or ``force_config`` (an index into ``fov_scales``) override the learnt choice.
-        """
+    def forward_with_weights(self, context: torch.Tensor, weights: torch.Tensor | None = None,
+                             force_config: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits (N, num_classes, P_y, P_x), weights (N, K))``: :meth:`forward` and the fusion weights it
+        applied to the K views -- the per-location choice (in eval: the soft mean's probabilities, the
+        argmax's one-hot, Gumbel's deterministic softmax; one-hot for ``force_config``)."""
         views = self.views(context)
         forced = force_config if force_config is not None else (self.force_config if weights is None else None)
         if forced is not None:
@@ -362,7 +364,23 @@ class Foveation(nn.Module):
             weights[:, int(forced)] = 1.0
         elif weights is None:
             weights = self.fusion_weights(self.fov_logits(context))
-        return self.forward_views(views, weights)
+        return self.forward_views(views, weights), weights
+
+    extra_output_names = ("fov_weights",)
+    """Extra ONNX outputs (exporters/onnx_export.py): ``fov_weights`` (N, K), the second value of
+    :meth:`forward_extras`. Runners read ``logits`` by name and ignore it."""
+
+    def forward_extras(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, fov_weights)`` for export: :meth:`forward_with_weights` with the learnt choice."""
+        return self.forward_with_weights(context)
+
+    def forward(self, context: torch.Tensor, weights: torch.Tensor | None = None,
+                force_config: int | None = None) -> torch.Tensor:
+        """Logits (N, num_classes, P_y, P_x) of the central patch of ``context`` (N, C, s_max P_y, s_max P_x).
+
+        ``weights`` (N, K) or ``force_config`` (an index into ``fov_scales``) override the learnt choice.
+        """
+        return self.forward_with_weights(context, weights, force_config)[0]
 
 
 @register_model("foveation", family="foveation", spatial_dims=2,
