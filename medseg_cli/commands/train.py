@@ -66,20 +66,28 @@ def train(config_path: str | None, print_model: str | None, resume: bool, max_mi
 
     from ..training.loop import train as run_training
 
-    labels = [str(config.labels[k]) for k in sorted(config.labels, key=int)][1:]
+    def epoch_printer(stage_config):
+        labels = [str(stage_config.labels[k]) for k in sorted(stage_config.labels, key=int)][1:]
 
-    def on_epoch(row: dict) -> None:
-        if console.quiet or console.json_mode:
-            return
-        table = Table(show_header=row["epoch"] == 1 or bool(resume and not getattr(on_epoch, "shown", False)),
-                      box=None, pad_edge=False)
-        on_epoch.shown = True  # type: ignore[attr-defined]
-        for name in ["epoch", "loss", "lr", "val Dice"] + labels + ["s"]:
-            table.add_column(name, justify="right", min_width=10)
-        table.add_row(str(row["epoch"]), _fmt(row["loss"]), _fmt(row["lr"]), _fmt(row.get("val_dice_mean")),
-                      *[_fmt(row.get(f"val_dice_{name}", "")) for name in labels], _fmt(row["seconds"]))
-        console.print(table)
+        def on_epoch(row: dict) -> None:
+            if console.quiet or console.json_mode:
+                return
+            table = Table(show_header=row["epoch"] == 1 or bool(resume and not getattr(on_epoch, "shown", False)),
+                          box=None, pad_edge=False)
+            on_epoch.shown = True  # type: ignore[attr-defined]
+            for name in ["epoch", "loss", "lr", "val Dice"] + labels + ["s"]:
+                table.add_column(name, justify="right", min_width=10)
+            table.add_row(str(row["epoch"]), _fmt(row["loss"]), _fmt(row["lr"]), _fmt(row.get("val_dice_mean")),
+                          *[_fmt(row.get(f"val_dice_{name}", "")) for name in labels], _fmt(row["seconds"]))
+            console.print(table)
 
+        return on_epoch
+
+    if config.cascade is not None:
+        _train_cascade(config, console, resume=resume, max_minutes=max_minutes, device=device,
+                       on_epoch=lambda stage, stage_config: epoch_printer(stage_config), export=not no_export)
+        return
+    on_epoch = epoch_printer(config)
     result = run_training(config, resume=resume, max_minutes=max_minutes, device=device,
                           progress=console.progress(), on_epoch=on_epoch, export=not no_export,
                           log=console.info)
@@ -95,5 +103,27 @@ def train(config_path: str | None, print_model: str | None, resume: bool, max_mi
             console.info(f"model: {escape(str(where))}  (run it: medseg predict --model {escape(str(where))} SCAN)")
         else:
             console.info(f"checkpoints in {escape(str(result.output))}")
+
+    console.emit(result.summary, render=render)
+
+
+def _train_cascade(config, console: Console, **options) -> None:
+    """Both stages of a cascade config, then its card (see medseg_cli.training.cascade)."""
+    from ..training.cascade import train_cascade
+
+    result = train_cascade(config, progress=console.progress(), log=console.info, **options)
+
+    def render() -> None:
+        seg = result.summary["stages"].get("segmenter") or {}
+        dice = ", ".join(f"{k} {v:.4f}" for k, v in (seg.get("validation_dice") or {}).items()
+                         if isinstance(v, float))
+        console.info(f"cascade trained in {result.seconds / 60:.1f} min"
+                     + (f"; segmenter validation Dice {dice}" if dice else ""))
+        if result.card_path:
+            where = escape(str(result.card_path))
+            console.info(f"cascade card: {where}  (run it: medseg predict --model {where} SCAN)")
+        else:
+            console.info(f"checkpoints in {escape(str(result.output))}"
+                         + ("; continue with --resume" if result.stopped_early else ""))
 
     console.emit(result.summary, render=render)

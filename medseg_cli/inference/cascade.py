@@ -10,6 +10,7 @@ A cascade is two ordinary medseg models described by one small JSON file, the *c
       "segmenter": "hippocampus.onnx",      # path (relative to this file) or a model name
       "locator_downscale": [2, 2, 2],       # (z, y, x): the locator sees the scan at spacing x factor
       "locator_labels": [],                 # locator labels that count as target; [] = every label > 0
+      "locator_keep_largest": false,        # box of the largest connected target component only
       "margin_mm": 8.0,                     # added on each side of the located box; one value or (z, y, x)
       "on_empty": "whole"                   # locator finds nothing: "whole" (segment the whole scan,
     }                                       #   with a warning) or "error" (ProcessingError)
@@ -18,11 +19,13 @@ Each stage keeps its own ``ModelCard`` (preprocessing, patch, labels) inside its
 cascade's output labels are the segmenter's. Steps of :meth:`CascadePredictor.predict`:
 
 1. the scan is resampled (linear) to ``spacing * locator_downscale`` (origin and direction kept),
-   the locator is run there (through an ordinary :class:`Predictor`);
-2. the bounding box of its target labels is mapped back to full-resolution voxel indices
-   (:func:`low_box_to_full`, covering every full-resolution voxel a located low-resolution voxel
-   touches), widened by ``margin_mm`` converted per axis with the scan's spacing
-   (:func:`margin_voxels`) and clipped to the scan (:func:`clip_box`);
+   the locator is run there (through an ordinary :class:`Predictor`; a locator whose own card sets
+   ``target_spacing_zyx`` resamples the scan itself, its cascade then has ``locator_downscale`` 1);
+2. the bounding box of its target labels (with ``locator_keep_largest``: of their largest connected
+   component only, so stray detections elsewhere do not stretch the box) is mapped back to
+   full-resolution voxel indices (:func:`low_box_to_full`, covering every full-resolution voxel a
+   located low-resolution voxel touches), widened by ``margin_mm`` converted per axis with the
+   scan's spacing (:func:`margin_voxels`) and clipped to the scan (:func:`clip_box`);
 3. the segmenter runs on the full-resolution crop (:func:`crop_image`: same spacing and direction,
    origin moved to the crop's first voxel), and the result is pasted back into the full grid
    (:func:`paste_labels`), so the output has the scan's exact shape, spacing, origin and direction.
@@ -52,8 +55,8 @@ from .predictor import PredictionResult, Predictor, check_channels
 
 CASCADE_SUFFIX = ".cascade.json"
 CASCADE_VERSION = 1
-_KEYS = {"medseg_cascade", "name", "locator", "segmenter", "locator_downscale", "locator_labels", "margin_mm",
-         "on_empty", "description"}
+_KEYS = {"medseg_cascade", "name", "locator", "segmenter", "locator_downscale", "locator_labels",
+         "locator_keep_largest", "margin_mm", "on_empty", "description"}
 
 Box = tuple  # tuple[slice, slice, slice], (z, y, x) voxel index ranges
 
@@ -79,6 +82,7 @@ class CascadeSpec:
     segmenter: str
     locator_downscale: tuple[float, float, float] = (2.0, 2.0, 2.0)
     locator_labels: tuple[int, ...] = ()
+    locator_keep_largest: bool = False
     margin_mm: tuple[float, float, float] = (8.0, 8.0, 8.0)
     on_empty: str = "whole"
     description: str = ""
@@ -109,8 +113,13 @@ class CascadeSpec:
         labels = data.get("locator_labels", [])
         if not isinstance(labels, list) or not all(isinstance(v, int) and v > 0 for v in labels):
             raise ModelError("cascade card: locator_labels must be a list of labels > 0", path=source)
+        keep_largest = data.get("locator_keep_largest", False)
+        if not isinstance(keep_largest, bool):
+            raise ModelError(f"cascade card: locator_keep_largest must be true or false, got {keep_largest!r}",
+                             path=source)
         return cls(name=str(data["name"]), locator=str(data["locator"]), segmenter=str(data["segmenter"]),
-                   locator_downscale=downscale, locator_labels=tuple(labels), margin_mm=margin,
+                   locator_downscale=downscale, locator_labels=tuple(labels),
+                   locator_keep_largest=keep_largest, margin_mm=margin,
                    on_empty=on_empty, description=str(data.get("description", "")), folder=Path(folder))
 
     @classmethod
@@ -128,7 +137,8 @@ class CascadeSpec:
     def to_dict(self) -> dict:
         return {"medseg_cascade": CASCADE_VERSION, "name": self.name, "locator": self.locator,
                 "segmenter": self.segmenter, "locator_downscale": list(self.locator_downscale),
-                "locator_labels": list(self.locator_labels), "margin_mm": list(self.margin_mm),
+                "locator_labels": list(self.locator_labels), "locator_keep_largest": self.locator_keep_largest,
+                "margin_mm": list(self.margin_mm),
                 "on_empty": self.on_empty, "description": self.description}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -300,6 +310,8 @@ class CascadePredictor:
         found = self.locate_predictor.predict(small, progress=progress).labels
         labels = found.array
         target = np.isin(labels, spec.locator_labels) if spec.locator_labels else labels > 0
+        if spec.locator_keep_largest:
+            target = keep_largest_component(target.astype(np.uint8), [1]) > 0
         low_box = bounding_box(target, 0)
         if low_box is None:
             if spec.on_empty == "error":

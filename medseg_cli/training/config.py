@@ -100,6 +100,29 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class LocatorConfig:
+    """The cascade's first stage (see :mod:`medseg_cli.training.cascade`)."""
+
+    name: str = "unet3d"                 # zoo network of the locator
+    kwargs: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)  # overrides of `training:` keys for the locator (epochs, ...)
+    preprocessing: Optional[dict] = None  # default: the main `preprocessing:` (target spacing set by the cascade)
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """Locator -> segmenter cascade: the main ``model:`` is the segmenter."""
+
+    locator: LocatorConfig = field(default_factory=LocatorConfig)
+    downscale: Optional[Union[float, list]] = None  # locator grid = scan spacing x factor (z, y, x); default 2 ...
+    spacing_mm: Optional[Union[float, list]] = None  # ... or this fixed locator spacing in mm (z, y, x)
+    target_labels: list = field(default_factory=list)  # labels the locator finds; [] = every label > 0
+    margin_mm: Union[float, list] = 8.0  # added around the located box on each side (one value or z, y, x)
+    keep_largest: bool = False           # box of the locator's largest connected target component only
+    on_empty: str = "whole"              # locator finds nothing: segment the whole scan, or "error"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     name: str = "model"
     description: str = ""
@@ -118,6 +141,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     seed: int = 0
     output: str = "runs/model"
+    cascade: Optional[CascadeConfig] = None  # train a locator -> segmenter cascade (see training.cascade)
     source: str = ""                     # the config file (set by load_config)
 
     @property
@@ -321,6 +345,10 @@ def check_config(config: TrainConfig) -> None:
     for key in ("rotation_degrees", "translation_voxels", "elastic_sigma", "elastic_magnitude", "noise_std"):
         if getattr(a, key) < 0:
             fail(f"augmentation.{key}", "must be >= 0")
+    if config.cascade is not None:
+        from .cascade import check_cascade
+
+        check_cascade(config, fail)
 
 
 def parse_label_map(label_map: dict) -> dict[tuple[int, ...], int]:
@@ -497,6 +525,20 @@ schedule:
   min_lr: 0.0
 seed: 0
 output: runs/{model}             # checkpoints (last.pt, previous.pt, best.pt), log.csv, model.onnx
+cascade: null                    # or a locator -> segmenter cascade (3D); `model:` is then the segmenter:
+#  locator:                      # the first stage, trained on a coarse grid with a binary target
+#    name: unet3d                # zoo network
+#    kwargs: {{init_features: 8}}
+#    training: {{epochs: 20, patch_size: [32, 32, 32]}}  # overrides of `training:` for the locator
+#    preprocessing: null         # default: the main `preprocessing:`
+#  downscale: 2                  # locator grid = scan spacing x this (one number or z, y, x) ...
+#  spacing_mm: null              # ... or a fixed locator spacing in mm (z, y, x); give one of the two
+#  target_labels: []             # labels that count as target; [] = every label > 0
+#  margin_mm: 8.0                # added around the located box, each side (one number or z, y, x)
+#  keep_largest: false          # box of the locator's largest connected component (ignores stray hits)
+#  on_empty: whole               # locator finds nothing: whole (segment the whole scan) | error
+# A cascade writes OUTPUT/locator/, OUTPUT/segmenter/ (each as above) and OUTPUT/NAME.cascade.json for
+# `medseg predict --model OUTPUT/NAME.cascade.json SCAN`.
 """
 
 
