@@ -1,18 +1,27 @@
-"""Speed, peak memory and agreement of medseg's sliding-window prediction (ONNX Runtime, CPU) against
-MONAI's ``sliding_window_inference`` (Gaussian mode) in torch eager mode: the same zoo network and
-weights, the same volume, patch, overlap and batch, in one run. MONAI is installed only for this
-benchmark, in its own venv, never as a medseg dependency. The venv borrows medseg's own environment
-(torch, onnxruntime, medseg itself) through a .pth file, so only MONAI's pure-Python package is added:
+"""Speed, peak memory and agreement of medseg's sliding-window prediction against MONAI's
+``sliding_window_inference`` (Gaussian mode) in torch eager mode: the same zoo network and weights, the
+same volume, patch, overlap and batch, in one run. Contenders (``--precision``):
+
+* ``medseg``      -- ONNX Runtime, float32 (the default ``medseg predict`` path);
+* ``medseg-bf16`` -- medseg's torch runner with ``--precision bf16`` (torch autocast, bfloat16);
+* ``monai``       -- MONAI, float32 eager: the peer the ratios are against;
+* ``monai-bf16``  -- MONAI with the predictor wrapped in the same bf16 autocast, so the bf16 gain can
+  be told apart from anything medseg does (the equal-arithmetic comparison).
+
+MONAI is installed only for this benchmark, in its own venv, never as a medseg dependency. The venv
+borrows medseg's own environment (torch, onnxruntime, medseg itself) through a .pth file, so only
+MONAI's pure-Python package is added:
 
     python3 -m venv /tmp/benchenv_p
     /tmp/benchenv_p/bin/pip install --no-deps monai
     echo "import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')" \
         > /tmp/benchenv_p/lib/python3.11/site-packages/medseg_venv.pth
     /tmp/benchenv_p/bin/python benchmarks/bench_predict.py [--size 160] [--patch 64] [--threads N] [--repeats R]
+        [--precision fp32|bf16|both]
 
 (run from the repository root; any venv with medseg, torch, onnxruntime and monai will do). Defaults:
-a 160³ volume, 64³ patches, overlap 0.5, batch 1, all physical cores; it takes a few minutes on 2 cores
-(about half of it the untimed agreement check; ``--no-check`` skips it). Run it on an idle machine.
+a 160³ volume, 64³ patches, overlap 0.5, batch 1, all physical cores, all four contenders; it takes
+about 3 minutes on 2 cores (``--no-check`` skips the untimed agreement run). Run it on an idle machine.
 
 The parent process builds the network (zoo ``unet3d`` at its default width: 16 features, 4 levels,
 1 -> 3 classes, seeded), saves its weights, exports it to ONNX (with medseg's parity check) and
@@ -22,12 +31,23 @@ volume timed (best of ``--repeats``); peak RSS is ``resource.getrusage(RUSAGE_SE
 that process (imports included; the RSS before the timed run is printed too; the parent never
 imports torch, since Linux carries a parent's RSS at fork over into the child's getrusage). medseg runs the
 full ``Predictor`` (card preprocessing "none", Gaussian blending, probabilities out); MONAI runs
-``sliding_window_inference(mode="gaussian", sigma_scale=0.125)`` on softmax outputs. Both give
-(3, Z, Y, X) float32 probabilities; the maximum absolute difference is printed. The windows are
-the same, but MONAI clamps its 3D Gaussian map to >= 1e-3, so near the volume's faces it averages
-overlapping windows almost uniformly where medseg keeps the Gaussian ratio: with an untrained
-network (windows disagree a lot) that shows as a visible difference there. An untimed second MONAI
-run given medseg's own Gaussian map (``roi_weight_map``) must agree within 1e-4 (exit 1 otherwise).
+``sliding_window_inference(mode="gaussian", sigma_scale=0.125)`` on softmax outputs. All give
+(3, Z, Y, X) float32 probabilities; the maximum absolute difference to MONAI float32 and the argmax
+agreement are printed. The windows are the same, but MONAI clamps its 3D Gaussian map to >= 1e-3, so
+near the volume's faces it averages overlapping windows almost uniformly where medseg keeps the
+Gaussian ratio: with an untrained network (windows disagree a lot) that shows as a visible
+difference there. An untimed second MONAI run given medseg's own Gaussian map (``roi_weight_map``)
+must agree with medseg float32 within 1e-4 (exit 1 otherwise).
+
+Results (2026-12-02, idle AMD EPYC with AVX512-BF16, 2 threads, best of 2; also in the README):
+
+    medseg           25.68 s   527 MiB   onnx (CPU)                           1.02x MONAI
+    medseg-bf16      11.29 s   526 MiB   torch (cpu, bf16)                    2.31x MONAI
+    monai            26.11 s   714 MiB   monai 1.6.1 / torch 2.13.0 eager     1x
+    monai-bf16       11.14 s   538 MiB   the same under bf16 autocast         (medseg-bf16: 0.99x of it)
+
+i.e. the network dominates; the bf16 gain is torch's, available to both. Before the 2x nearest
+upsampling was exported as a copy (not ONNX Resize), medseg float32 took 27.6 s (0.93x).
 """
 
 from __future__ import annotations
@@ -49,6 +69,7 @@ sys.path.insert(0, str(REPO))
 
 ARCHITECTURE = "unet3d"
 CLASSES = 3
+CONTENDERS = ("medseg", "medseg-bf16", "monai", "monai-bf16")
 
 
 def peak_rss_mib() -> float:
@@ -86,12 +107,22 @@ def make_card(patch: int):
 # ------------------------------------------------------------------------------------ workers
 
 def run_medseg(args) -> dict:
+    """medseg's Predictor with ONNX Runtime in float32 (``medseg``) or torch in bfloat16 (``medseg-bf16``)."""
     from medseg_cli.imaging import Image
     from medseg_cli.inference.predictor import Predictor
-    from medseg_cli.inference.runners import OnnxRunner
+    from medseg_cli.inference.runners import OnnxRunner, TorchRunner
 
     work = Path(args.workdir)
-    runner = OnnxRunner(work / "model.onnx", device="cpu", threads=args.threads)
+    if args.worker == "medseg-bf16":
+        import torch
+
+        from medseg_cli.zoo import build_model
+
+        model = build_model(ARCHITECTURE, 1, CLASSES)
+        model.load_state_dict(torch.load(work / "weights.pt", weights_only=True))
+        runner = TorchRunner(model, make_card(args.patch), device="cpu", threads=args.threads, precision="bf16")
+    else:
+        runner = OnnxRunner(work / "model.onnx", device="cpu", threads=args.threads)
     predictor = Predictor(runner, overlap=args.overlap, batch_size=args.batch)
     runner.predict_batch(np.zeros((args.batch, 1) + (args.patch,) * 3, np.float32))  # warm-up
     volume = np.load(work / "volume.npy")
@@ -105,7 +136,7 @@ def run_medseg(args) -> dict:
         best = min(best, time.perf_counter() - start)
         probabilities = result.probabilities.array
         del result
-    np.save(work / "medseg.npy", probabilities)
+    np.save(work / f"{args.worker}.npy", probabilities)
     return {"seconds": best, "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib(),
             "backend": runner.description, "threads": args.threads}
 
@@ -122,7 +153,12 @@ def run_monai(args) -> dict:
     model.load_state_dict(torch.load(work / "weights.pt", weights_only=True))
     model.eval()
 
+    bf16 = args.worker == "monai-bf16"  # MONAI's own mixed precision: the user wraps the call in autocast
+
     def predictor(x: torch.Tensor) -> torch.Tensor:
+        if bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return torch.softmax(model(x).float(), dim=1)
         return torch.softmax(model(x), dim=1)
 
     with torch.inference_mode():
@@ -140,9 +176,9 @@ def run_monai(args) -> dict:
                                               sigma_scale=0.125, padding_mode="constant", cval=0.0)
         best = min(best, time.perf_counter() - start)
         del inputs
-    np.save(work / "monai.npy", output[0].numpy().astype(np.float32))
+    np.save(work / f"{args.worker}.npy", output[0].numpy().astype(np.float32))
     del output
-    if args.check:  # untimed: MONAI's stitching with medseg's (unclamped) Gaussian map must give medseg's numbers
+    if args.check and not bf16:  # untimed: MONAI's stitching with medseg's (unclamped) Gaussian map must give medseg's numbers
         from medseg_cli.inference.sliding_window import gaussian_weights_1d
 
         g = gaussian_weights_1d(args.patch)
@@ -155,7 +191,7 @@ def run_monai(args) -> dict:
     import monai
 
     return {"seconds": best, "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib(),
-            "backend": f"monai {monai.__version__} / torch {torch.__version__} eager (cpu)",
+            "backend": f"monai {monai.__version__} / torch {torch.__version__} eager (cpu{', bf16 autocast' if bf16 else ''})",
             "threads": args.threads}
 
 
@@ -202,14 +238,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per contender; best is kept")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the untimed MONAI run with medseg's importance map (agreement check)")
-    parser.add_argument("--worker", choices=["prepare", "medseg", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both",
+                        help="fp32: medseg ONNX vs MONAI; bf16: medseg torch bf16 vs MONAI (fp32 eager, and its "
+                             "own bf16 autocast); both (default)")
+    parser.add_argument("--worker", choices=["prepare"] + list(CONTENDERS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "prepare":  # torch is imported here, not in the parent (see peak_rss_mib)
         prepare(args, Path(args.workdir))
         return
     if args.worker:
-        result = (run_medseg if args.worker == "medseg" else run_monai)(args)
+        result = (run_medseg if args.worker.startswith("medseg") else run_monai)(args)
         print(json.dumps(result))
         return
 
@@ -218,27 +257,40 @@ def main() -> None:
         print(f"volume {args.size}³ (smooth random), patch {args.patch}³, overlap {args.overlap}, Gaussian, "
               f"batch {args.batch}, {args.threads} thread(s), best of {args.repeats}")
         print(spawn("prepare", args, work, parse=False), end="")
-        results = {name: spawn(name, args, work) for name in ("medseg", "monai")}
-        a, b = np.load(work / "medseg.npy"), np.load(work / "monai.npy")
-        difference = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
-        label_agreement = float((a.argmax(0) == b.argmax(0)).mean()) if a.shape == b.shape else 0.0
+        names = ["medseg", "monai"]
+        if args.precision != "fp32":
+            names = (["medseg"] if args.precision == "both" else []) + ["medseg-bf16", "monai", "monai-bf16"]
+        results = {name: spawn(name, args, work) for name in names}
+        outputs = {name: np.load(work / f"{name}.npy") for name in names}
         same = None
         if args.check:
             c = np.load(work / "monai_same_weights.npy")
+            a = outputs.get("medseg", outputs.get("medseg-bf16"))
             same = float(np.abs(a - c).max()) if a.shape == c.shape else float("inf")
-    print(f"{'':8} {'time (s)':>9} {'peak RSS (MiB)':>15} {'RSS before run':>15}  backend")
+    print(f"{'':12} {'time (s)':>9} {'peak RSS (MiB)':>15} {'RSS before run':>15}  backend")
     for name, r in results.items():
-        print(f"{name:8} {r['seconds']:9.2f} {r['peak_rss_mib']:15.0f} {r['rss_before_mib']:15.0f}  {r['backend']}")
-    ratio = results["monai"]["seconds"] / results["medseg"]["seconds"]
-    rss_ratio = results["medseg"]["peak_rss_mib"] / results["monai"]["peak_rss_mib"]
-    print(f"speed: medseg is {ratio:.2f}x MONAI's speed (target >= 2x); peak RSS medseg/MONAI = {rss_ratio:.2f}")
-    print(f"outputs: max |medseg - MONAI| = {difference:.2e} over {a.size:,} probabilities; "
-          f"argmax agreement {label_agreement:.6f} (MONAI clamps its 3D Gaussian map to >= 1e-3, so near the "
-          "volume's faces it averages windows almost uniformly; medseg keeps the pure Gaussian)")
+        print(f"{name:12} {r['seconds']:9.2f} {r['peak_rss_mib']:15.0f} {r['rss_before_mib']:15.0f}  {r['backend']}")
+    monai = results["monai"]
+    for name in (n for n in names if n.startswith("medseg")):
+        r = results[name]
+        print(f"speed: {name} is {monai['seconds'] / r['seconds']:.2f}x MONAI's speed (target >= 2x); "
+              f"peak RSS {name}/MONAI = {r['peak_rss_mib'] / monai['peak_rss_mib']:.2f}")
+    if "monai-bf16" in results:
+        print(f"speed at equal arithmetic: medseg-bf16 is "
+              f"{results['monai-bf16']['seconds'] / results['medseg-bf16']['seconds']:.2f}x MONAI under bf16 autocast")
+    reference = outputs["monai"]
+    for name in (n for n in names if n != "monai"):
+        a = outputs[name]
+        difference = float(np.abs(a - reference).max()) if a.shape == reference.shape else float("inf")
+        agreement = float((a.argmax(0) == reference.argmax(0)).mean()) if a.shape == reference.shape else 0.0
+        print(f"outputs: max |{name} - MONAI| = {difference:.2e} over {a.size:,} probabilities; argmax agreement "
+              f"{agreement:.6f}")
+    print("(MONAI clamps its 3D Gaussian map to >= 1e-3, so near the volume's faces it averages windows almost "
+          "uniformly; medseg keeps the pure Gaussian. bf16 rounds activations to 8 significant bits.)")
     if same is not None:
         print(f"same importance map (MONAI given medseg's Gaussian via roi_weight_map, untimed): "
               f"max |difference| = {same:.2e}")
-        if not same <= 1e-4:
+        if "medseg" in outputs and not same <= 1e-4:
             sys.exit("medseg and MONAI disagree beyond 1e-4 with the same weights")
 
 

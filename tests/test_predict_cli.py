@@ -299,3 +299,30 @@ def test_case_discovery_folders_csv_dicom_globs_and_shards(shared_data, hippo, t
     for bad in ("0/3", "4/3", "x"):
         with pytest.raises(InputError, match="shard"):
             parse_shard(bad)
+
+
+def test_packaged_default_model_in_bf16_matches_its_fp32_labels(medseg, shared_data, tmp_path, medseg_home):
+    """The shipped network twice on a held-out case: ONNX float32 (default) and its torch twin
+    (hippocampus-torch) with --precision bf16. Same grid, labels equal almost everywhere; mixed
+    precision on the ONNX model and fp16 on CPU are one-line errors."""
+    from medseg_cli.inference.runners import cpu_has_native_bf16
+
+    scan = shared_data / "hippocampus" / "imagesTr" / "hippocampus_011.nii.gz"
+    labels = {}
+    for name, extra in (("fp32", []), ("bf16", ["--model", "hippocampus-torch", "--precision", "bf16"])):
+        out = tmp_path / f"{name}.nii.gz"
+        done = medseg("predict", scan, "-o", out, "--json", "--offline", "--device", "cpu", *extra)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["backend"] == ("onnx (CPU)" if name == "fp32" else
+                                     "torch (cpu, bf16)" if cpu_has_native_bf16() else "torch (cpu)"), report
+        assert_same_grid(out, read_image(scan))
+        labels[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert set(np.unique(labels["fp32"])) == {0, 1, 2}
+    assert (labels["fp32"] == labels["bf16"]).mean() > 0.999
+    done = medseg("predict", scan, "-o", tmp_path / "x.nii.gz", "--precision", "bf16", "--offline")
+    assert done.returncode == 3 and "hippocampus-torch" in done.stderr and len(error_lines(done)) == 1
+    done = medseg("predict", scan, "-o", tmp_path / "y.nii.gz", "--model", "hippocampus-torch", "--precision", "fp16",
+                  "--device", "cpu", "--offline")
+    assert done.returncode == 2 and "fp16 needs CUDA" in done.stderr and len(error_lines(done)) == 1
+    assert not (tmp_path / "x.nii.gz").exists() and not (tmp_path / "y.nii.gz").exists()
