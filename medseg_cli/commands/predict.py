@@ -17,7 +17,7 @@ from ..inference.cohort import Case, discover_cases, parse_shard, run_cases, sel
 from ..inference.postprocess import PROBABILITY_DTYPES, is_slicer_segmentation, write_labels, write_probabilities
 from ..inference.predictor import Predictor, check_channels
 from ..inference.runners import DEVICES, PRECISIONS, load_runner
-from ..inference.streaming import check_stream, open_picture, should_stream, stream_predict, stream_problem
+from ..inference.streaming import check_stream, picture_geometry, should_stream, stream_predict, stream_problem
 from ..sizes import size_columns, size_rows, size_text, size_unit
 
 OUTPUT_FORMATS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".png", ".tif")  # .png / .tif: 2D only
@@ -52,21 +52,19 @@ def _size_table(rows: list[dict], unit: str) -> Table:
 
 def _streamed(stream: bool | None, cohort: bool, case: Case, mask_path: Path, probs_path: Path | None,
               keep_largest: bool, predictor: Predictor) -> bool:
-    """Whether this case is predicted tile by tile (``--stream``, or automatic for big 2D MetaImages)."""
+    """Whether this case is predicted tile by tile (``--stream``, or automatic for big 2D pictures)."""
     if stream is False:
         return False
     if stream:
         if (cohort or len(case.paths) != 1 or probs_path is not None or keep_largest
                 or type(predictor) is not Predictor):
             raise InputError("--stream takes one picture and a plain model, without --probabilities or --keep-largest",
-                             path=case.paths[0], hint="Drop --stream, or predict one file with a .mha output.")
+                             path=case.paths[0], hint="Drop --stream, or predict one file.")
         return True
     if (cohort or len(case.paths) != 1 or probs_path is not None or keep_largest or type(predictor) is not Predictor
             or not should_stream(case.paths[0])):
         return False
-    if not mask_path.name.lower().endswith(".mha"):
-        return False
-    return stream_problem(predictor.card, predictor.preprocessor, open_picture(case.paths[0]).geometry) is None
+    return stream_problem(predictor.card, predictor.preprocessor, picture_geometry(case.paths[0])) is None
 
 
 def _foveation_map_predictor(predictor, path: Path | None, cohort: bool, stream: bool | None):
@@ -137,8 +135,9 @@ def _with_foveation_map(process, map_predictor, path: Path, series_uid: str | No
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: physical cores).")
 @click.option("--offline", is_flag=True, help="Never download: use only cached models.")
 @click.option("--stream/--no-stream", "stream", default=None,
-              help="Predict a large 2D uncompressed .mha/.mhd picture tile by tile into a .mha mask with bounded "
-                   "memory (default: automatic above 64 megapixels when the model allows it).")
+              help="Predict a large 2D picture tile by tile with bounded memory (an uncompressed .mha/.mhd is "
+                   "memory-mapped, other formats are read once as stored; a non-.mha mask is converted at the "
+                   "end; default: automatic above 64 megapixels when the model allows it).")
 @click.option("--foveation-map", "foveation_map", type=click.Path(path_type=Path), default=None,
               help="Foveation models, one input: also write, on the input's grid, the index of the field-of-view "
                    "view each pixel was segmented from (0 = the smallest view); a second pass of the network.")
@@ -221,7 +220,7 @@ def predict(inputs: tuple[str, ...], output: Path, model: str | None, backend: s
         if _streamed(stream, cohort, case, mask_path, probs_path, keep_largest, predictor):
             picture = check_stream(predictor, case.paths[0], mask_path)
             announce()
-            rows = stream_predict(predictor, case.paths[0], mask_path, progress=progress)
+            rows = stream_predict(predictor, picture, mask_path, progress=progress)  # frees its pixels when done
             unit = size_unit(case.paths[0], (1,))  # streaming takes 2D pictures only
             return {"output": str(mask_path), "probabilities": None, "size_unit": unit,
                     "volumes": size_rows(rows, unit, picture.geometry), "streamed": True}

@@ -129,7 +129,7 @@ def write_foveation_map(map_predictor, paths: list, output: str | os.PathLike[st
     if streamed:
         picture = check_stream(map_predictor, paths[0], output)
         pixels, voxel = int(np.prod(picture.shape)), picture.geometry.voxel_volume_mm3
-        rows = stream_predict(map_predictor, paths[0], output, progress=progress)
+        rows = stream_predict(map_predictor, picture, output, progress=progress)  # opened once
     else:
         result = map_predictor.predict(read_channels(paths, series_uid=series_uid), progress=progress)
         write_labels(result.labels, output, map_predictor.card)

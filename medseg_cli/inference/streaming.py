@@ -1,10 +1,15 @@
 """Tile-streamed prediction of very large 2D images (whole-slide-like pictures) with bounded memory.
 
 ``Predictor.predict`` holds the whole image's class accumulators: K - 1 float32 planes, 3.2 GB for a
-20000 x 20000 two-class picture. Streaming never does. The input is an uncompressed MetaImage
-(``.mha`` with the pixels inline, or ``.mhd`` + raw) that is memory-mapped, not read; the label map
-is written into a memory-mapped raw behind a ``.mha`` header in a scratch file that is moved into
-place at the end (:func:`medseg_cli.atomic.atomic_output`).
+20000 x 20000 two-class picture. Streaming never does. An uncompressed MetaImage (``.mha`` with the
+pixels inline, or ``.mhd`` + raw) is memory-mapped, not read; any other single-slice picture
+SimpleITK reads (TIFF, PNG, JPEG, BMP, compressed MetaImage, NRRD, NIfTI) is read once, in its
+stored pixel type (a 20000² grey uint8 TIFF: 400 MB; never converted to float), with the same
+checks as :func:`medseg_cli.imaging.read_image`. The label map is written into a memory-mapped raw
+behind a ``.mha`` header in a scratch file that is moved into place at the end
+(:func:`medseg_cli.atomic.atomic_output`); another output format (``.png``, ``.tif``, ``.nii.gz``,
+``.nrrd``, ...) is converted from that scratch map once at the end by ``write_labels`` (atomic and
+verified, as the whole-image path writes it; the label map is one byte per pixel for up to 256 labels).
 
 Exactness: the windows are those of the whole-image sliding window (the same start positions per
 axis). A tile is a block of output pixels; every window that touches it is run (windows on a tile
@@ -40,13 +45,13 @@ import numpy as np
 
 from ..atomic import atomic_output
 from ..errors import InputError
-from ..imaging import Geometry, Image, match_planar_channels
+from ..imaging import Geometry, Image, file_suffix, match_planar_channels
 from ..preprocessing import _CHUNK, _standardise, ct_window, merge_moments, scale
 from ..progress import Progress, ensure_progress
 from .postprocess import label_values, probabilities_to_labels
 
 STREAM_MEGAPIXELS = 64.0
-"""``medseg predict`` streams 2D MetaImage inputs above this many megapixels automatically."""
+"""``medseg predict`` streams 2D pictures above this many megapixels automatically."""
 
 DEFAULT_TILE = 2048  # output pixels per tile side
 
@@ -58,24 +63,35 @@ _STREAM_NORMALISATIONS = ("none", "scale", "ct_window", "zscore")
 
 @dataclass
 class RawPicture:
-    """A memory-mapped 2D MetaImage: ``array`` (Y, X, C) read-only memmap, ``geometry`` as read_image gives it.
+    """A 2D picture's pixels, ``array`` (Y, X, C) in the stored type, ``geometry`` as read_image gives it.
 
-    :meth:`rows` reads a band of rows with plain file reads: streaming uses it, so no page of the
-    picture stays mapped into the process (its resident size does not grow with the picture).
+    ``array`` is a read-only memmap for an uncompressed MetaImage, else a read-only view of the pixel
+    buffer of the SimpleITK image ``owner`` (kept here so the buffer lives as long as the picture).
+    :meth:`rows` reads a band of rows: from a memmap with plain file reads, so no page of the picture
+    stays mapped into the process (its resident size does not grow with the picture).
     """
 
     path: Path
     array: np.ndarray
     geometry: Geometry
+    owner: object = None
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` as a fresh (rows, X, C) array, read from the file."""
+        """Rows ``[start, stop)`` as a (rows, X, C) array: read from the file, or a read-only view."""
         memmap = self.array
+        if not isinstance(memmap, np.memmap):
+            return memmap[start:stop]
         row_items = int(np.prod(memmap.shape[1:]))
         with open(memmap.filename, "rb") as handle:
             data = np.fromfile(handle, dtype=memmap.dtype, count=(stop - start) * row_items,
                                offset=memmap.offset + start * row_items * memmap.dtype.itemsize)
         return data.reshape((stop - start,) + memmap.shape[1:])
+
+    def release(self) -> None:
+        """Free the pixels once streamed: ``array`` becomes zeros of the same shape and type that hold no
+        memory (a broadcast view of one value); shape, channels and geometry stay."""
+        self.array = np.broadcast_to(np.zeros((), dtype=self.array.dtype), self.array.shape)
+        self.owner = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -106,30 +122,75 @@ def _read_header(path: Path) -> tuple[dict[str, str], int]:
                      hint="Stream only .mha / .mhd files written by ITK, 3D Slicer or medseg.")
 
 
-def open_picture(path: str | os.PathLike[str]) -> RawPicture:
-    """Memory-map an uncompressed 2D MetaImage (.mha inline or .mhd + raw) without reading its pixels.
+def _is_metaimage(path: Path) -> bool:
+    return file_suffix(path) in (".mha", ".mhd")
 
-    Raises :class:`InputError` for other formats, compressed data, or more than one slice.
-    """
-    import SimpleITK as sitk
 
-    path = Path(path)
-    name = path.name.lower()
-    if not (name.endswith(".mha") or name.endswith(".mhd")):
-        raise InputError("streamed prediction reads uncompressed MetaImage (.mha / .mhd) only", path=path,
-                         hint="Convert it once, uncompressed: python -c \"import SimpleITK as s; "
-                              "s.WriteImage(s.ReadImage('in'), 'out.mha', False)\"; or drop --stream.")
-    fields, header_bytes = _read_header(path)
-    if fields.get("CompressedData", "False").lower() == "true":
-        raise InputError("the MetaImage is compressed and cannot be memory-mapped", path=path,
-                         hint="Re-save it uncompressed (SimpleITK.WriteImage(image, 'out.mha', False)); "
-                              "or drop --stream to read it whole.")
-    sizes = [int(v) for v in fields.get("DimSize", "").split()]
+def _single_slice(sizes: list[int], path: Path) -> list[int]:
+    """(X, Y) of a 2D picture (a 3D size with one slice counts); :class:`InputError` for anything else."""
+    sizes = list(sizes)
     if len(sizes) == 3 and sizes[2] == 1:
         sizes = sizes[:2]
     if len(sizes) != 2:
         raise InputError(f"streamed prediction needs a single 2D picture, this has size {sizes}", path=path,
                          hint="Drop --stream for 3D volumes.")
+    return sizes
+
+
+def _read_whole(path: Path) -> RawPicture:
+    """Read a non-memory-mappable picture once, in its stored pixel type, with ``read_image``'s checks."""
+    import SimpleITK as sitk
+
+    from ..imaging import _nifti_checks, _read_file, _validate
+
+    if not path.is_file():
+        raise InputError("streamed prediction reads one picture file" if path.exists() else "no such file",
+                         path=path, hint="Give one 2D picture file, or drop --stream.")
+    image, data_bytes = _read_file(path)                       # truncated PNG / gzip etc. refused there
+    _single_slice(list(image.GetSize()), path)
+    geometry = Geometry.from_sitk(image)
+    view = sitk.GetArrayViewFromImage(image)                   # (Y, X[, C]) or (1, Y, X[, C]): no copy
+    if image.GetDimension() == 3:
+        view = view[0]
+    if image.GetNumberOfComponentsPerPixel() == 1:
+        view = view[..., None]
+    if file_suffix(path) in (".nii", ".nii.gz"):               # NaN/Inf that ITK turned into 0 (a copy then)
+        view = _nifti_checks(path, image, view, data_bytes)
+    view = view.view()
+    view.flags.writeable = False
+    _validate(np.moveaxis(view, -1, 0)[:, None], geometry, path)
+    return RawPicture(path, view, geometry, owner=image)
+
+
+def picture_geometry(path: str | os.PathLike[str]) -> Geometry:
+    """The geometry ``read_image`` would give ``path``, from its header only (no pixel is read)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    probe = sitk.Image([1] * reader.GetDimension(), sitk.sitkUInt8)
+    probe.SetSpacing(reader.GetSpacing())
+    probe.SetOrigin(reader.GetOrigin())
+    probe.SetDirection(reader.GetDirection())
+    return Geometry.from_sitk(probe)
+
+
+def open_picture(path: str | os.PathLike[str]) -> RawPicture:
+    """Open a single-slice 2D picture for streaming.
+
+    An uncompressed MetaImage (.mha inline or .mhd + raw) is memory-mapped without reading its pixels;
+    any other file SimpleITK reads (TIFF, PNG, JPEG, BMP, compressed MetaImage, NRRD, NIfTI) is read
+    once in its stored pixel type (Y x X x C x its bytes per sample of memory, no float copy).
+    Raises :class:`InputError` for more than one slice or a file ``read_image`` would refuse.
+    """
+    path = Path(path)
+    if not _is_metaimage(path):
+        return _read_whole(path)
+    fields, header_bytes = _read_header(path)
+    if fields.get("CompressedData", "False").lower() == "true":
+        return _read_whole(path)
+    sizes = _single_slice([int(v) for v in fields.get("DimSize", "").split()], path)
     element = fields.get("ElementType", "")
     if element not in _MET_TYPES:
         raise InputError(f"unsupported MetaImage element type {element!r}", path=path,
@@ -148,14 +209,7 @@ def open_picture(path: str | os.PathLike[str]) -> RawPicture:
         raise InputError(f"the MetaImage data is shorter than {sizes[0]}x{sizes[1]}x{channels} pixels", path=target,
                          hint="The file is truncated or its header is wrong; re-export it.")
     array = np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=(sizes[1], sizes[0], channels))
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    probe = sitk.Image([1] * reader.GetDimension(), sitk.sitkUInt8)
-    probe.SetSpacing(reader.GetSpacing())
-    probe.SetOrigin(reader.GetOrigin())
-    probe.SetDirection(reader.GetDirection())
-    return RawPicture(path, array, Geometry.from_sitk(probe))
+    return RawPicture(path, array, picture_geometry(path))
 
 
 def stream_problem(card, preprocessor, picture_geometry: Geometry | None = None) -> str | None:
@@ -243,21 +297,23 @@ def _normaliser(preprocessor, picture: RawPicture, channels: int):
     return normalise
 
 
-def _mha_header(geometry: Geometry, shape: tuple[int, int], dtype: np.dtype) -> bytes:
-    """The MetaImage header ``write_labels`` would give a (1, Y, X) label map: SimpleITK writes it for a
-    one-pixel probe with the same geometry, and only the size is changed."""
+def _mha_header(geometry: Geometry, shape: tuple[int, int], dtype: np.dtype, planar: bool = False) -> bytes:
+    """The MetaImage header ``write_labels`` would give a (1, Y, X) label map (``planar``: as the 2D
+    image it writes to .png / .tif): SimpleITK writes it for a one-pixel probe with the same geometry,
+    and only the size is changed."""
     import tempfile
 
     import SimpleITK as sitk
 
     from ..imaging import to_sitk
 
-    probe = to_sitk(Image(np.zeros((1, 1, 1), dtype=dtype), geometry), planar=False)
+    probe = to_sitk(Image(np.zeros((1, 1, 1), dtype=dtype), geometry), planar=planar)
     with tempfile.TemporaryDirectory() as folder:
         sitk.WriteImage(probe, os.path.join(folder, "probe.mha"), False)
         text = Path(folder, "probe.mha").read_bytes()
     end = text.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
-    lines = [f"DimSize = {shape[1]} {shape[0]} 1".encode() if line.startswith(b"DimSize") else line
+    size = f"{shape[1]} {shape[0]}" if planar else f"{shape[1]} {shape[0]} 1"
+    lines = [f"DimSize = {size}".encode() if line.startswith(b"DimSize") else line
              for line in text[:end].split(b"\n")]
     return b"\n".join(lines)
 
@@ -267,16 +323,21 @@ def _tiles(length: int, tile: int) -> list[tuple[int, int]]:
 
 
 def check_stream(predictor, source: str | os.PathLike[str], output: str | os.PathLike[str]) -> RawPicture:
-    """Open ``source`` for streaming; :class:`InputError` (one line) when it, the model or ``output`` cannot stream."""
+    """Open ``source`` for streaming; :class:`InputError` (one line) when it, the model or ``output`` cannot stream.
+
+    Hand the returned picture to :func:`stream_predict` as its ``source`` so the file is opened once.
+    """
+    from .postprocess import is_slicer_segmentation
+
     card = predictor.card
+    if not (file_suffix(output) or is_slicer_segmentation(output)):
+        raise InputError("unsupported output file type", path=output,
+                         hint="Use .mha (written tile by tile), or .png/.tif/.nii.gz/.nrrd (converted at the end).")
     picture = open_picture(source)
     problem = stream_problem(card, predictor.preprocessor, picture.geometry)
     if problem:
         raise InputError(f"cannot stream this prediction: {problem}", path=source,
                          hint="Drop --stream (the image is then read whole).")
-    if not Path(output).name.lower().endswith(".mha"):
-        raise InputError("streamed prediction writes .mha label maps only", path=output,
-                         hint="Name the output mask.mha (or drop --stream).")
     probe = _converted(np.asarray(picture.array[:1, :1]), card.in_channels)
     if probe.shape[0] != card.in_channels:
         raise InputError(f"model {card.name} takes {card.in_channels} channel(s), the input has {picture.channels}",
@@ -284,9 +345,16 @@ def check_stream(predictor, source: str | os.PathLike[str], output: str | os.Pat
     return picture
 
 
-def stream_predict(predictor, source: str | os.PathLike[str], output: str | os.PathLike[str], *,
+def stream_predict(predictor, source: str | os.PathLike[str] | RawPicture, output: str | os.PathLike[str], *,
                    tile: int = DEFAULT_TILE, progress: Progress | None = None) -> list[dict]:
-    """Segment the uncompressed 2D MetaImage ``source`` tile by tile into the ``.mha`` label map ``output``.
+    """Segment the 2D picture ``source`` tile by tile into the label map ``output``.
+
+    source: a picture file (see :func:`open_picture`), or the :class:`RawPicture` that
+        :func:`check_stream` returned for it (then it is not opened again).
+    output: a ``.mha`` is written tile by tile; any other label format ``write_labels`` writes is
+        streamed into a scratch ``.mha`` beside it and converted once at the end (the picture is
+        released first; the conversion holds the Y x X label map and, while the written file is
+        verified, a second copy).
 
     predictor: a :class:`~medseg_cli.inference.predictor.Predictor` (its runner, window, TTA and
         preprocessing are used; ``keep_largest`` is not supported here).
@@ -295,12 +363,23 @@ def stream_predict(predictor, source: str | os.PathLike[str], output: str | os.P
         card's valid-convolution context per side, 0 for "same" nets).
     Returns the label rows (``label``, ``name``, ``voxels``, ``volume_mm3``) as ``Predictor`` does.
     """
+    if isinstance(source, RawPicture):
+        picture, source = source, source.path
+    else:
+        picture = check_stream(predictor, source, output)
+    output = Path(output)
+    if file_suffix(output) != ".mha":
+        return _stream_converted(predictor, picture, output, tile=tile, progress=progress)
+    return _stream(predictor, picture, output, tile=tile, progress=progress)
+
+
+def _stream(predictor, picture: RawPicture, output: Path, *, tile: int, progress: Progress | None,
+            planar: bool = False) -> list[dict]:
+    """:func:`stream_predict` into the ``.mha`` ``output`` (``planar``: a 2D header, else (X, Y, 1))."""
     from ..errors import ProcessingError
     from .sliding_window import _summed_weights_1d, window_starts
 
-    card, window = predictor.card, predictor.window
-    picture = check_stream(predictor, source, output)
-    output = Path(output)
+    card, window, source = predictor.card, predictor.window, picture.path
     channels = card.in_channels
     normalise = _normaliser(predictor.preprocessor, picture, channels)
     height, width = picture.shape
@@ -316,7 +395,7 @@ def stream_predict(predictor, source: str | os.PathLike[str], output: str | os.P
     predict_batch = predictor._predict_batch()
     dtype = np.dtype(np.uint8 if max(label_values(card), default=0) < 256 else np.uint16)
     counts = np.zeros(max(label_values(card), default=0) + 1, dtype=np.int64)
-    header = _mha_header(picture.geometry, picture.shape, dtype)
+    header = _mha_header(picture.geometry, picture.shape, dtype, planar)
     tiles = list(itertools.product(_tiles(height, tile), _tiles(width, tile)))
     batch = np.empty((window.batch_size, channels) + reach, dtype=np.float32)
     expected_tail = (card.num_classes,) + patch
@@ -363,22 +442,86 @@ def stream_predict(predictor, source: str | os.PathLike[str], output: str | os.P
                 task.advance(1)
         sink.close()
     voxel = picture.geometry.voxel_volume_mm3
+    del rows
+    picture.release()
     return [{"label": v, "name": card.label_name(v), "voxels": int(counts[v]), "volume_mm3": float(counts[v]) * voxel}
             for v in label_values(card)]
 
 
-def should_stream(path: str | os.PathLike[str], megapixels: float = STREAM_MEGAPIXELS) -> bool:
-    """Whether ``path`` is an uncompressed 2D MetaImage larger than ``megapixels`` (header only is read)."""
-    name = str(path).lower()
-    if not (name.endswith(".mha") or name.endswith(".mhd")) or not Path(path).is_file():
-        return False
+def _stream_converted(predictor, picture: RawPicture, output: Path, *, tile: int,
+                      progress: Progress | None) -> list[dict]:
+    """Stream into a scratch ``.mha`` beside ``output``, then write ``output`` from it once.
+
+    The scratch header is the image ``write_labels`` would build (2D for .png / .tif, else (X, Y, 1)),
+    so SimpleITK reads it back as exactly that image (one Y x X label buffer, no memory-mapped pages)
+    and :func:`~medseg_cli.imaging.write_sitk_image` writes it atomically and verified, as
+    ``write_labels`` does. A 3D Slicer ``.seg.nrrd`` goes through ``write_labels`` itself.
+    """
+    import shutil
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from ..atomic import SCRATCH_PREFIX, ensure_writable_folder
+    from ..imaging import PLANAR_SUFFIXES, write_sitk_image
+    from .postprocess import is_slicer_segmentation, write_labels
+
+    folder = output.parent if str(output.parent) else Path(".")
+    ensure_writable_folder(folder, for_file=output)
+    if output.is_dir():
+        raise InputError("output path is an existing folder", path=output, hint="Give a file name, e.g. mask.png.")
+    planar = file_suffix(output) in PLANAR_SUFFIXES
+    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=folder))  # swept if a killed run leaves it
     try:
-        fields, _ = _read_header(Path(path))
-    except (InputError, OSError):
+        staged = scratch / "labels.mha"
+        geometry = picture.geometry
+        rows = _stream(predictor, picture, staged, tile=tile, progress=progress, planar=planar)
+        if is_slicer_segmentation(output):
+            labels = open_picture(staged)                              # memory-mapped, (Y, X, 1)
+            write_labels(Image(labels.array[None, :, :, 0], geometry, str(output)), output, predictor.card)
+        else:
+            image = sitk.ReadImage(str(staged))
+            present = max((r["label"] for r in rows if r["voxels"]), default=0)
+            if image.GetPixelID() == sitk.sitkUInt16 and present < 256:  # as write_labels' smallest type
+                image = sitk.Cast(image, sitk.sitkUInt8)
+            write_sitk_image(image, output)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def should_stream(path: str | os.PathLike[str], megapixels: float = STREAM_MEGAPIXELS) -> bool:
+    """Whether ``path`` is a single-slice 2D picture file larger than ``megapixels`` (header only is read).
+
+    Any format SimpleITK reads the header of (MetaImage, TIFF, PNG, JPEG, BMP, NRRD, NIfTI); never a
+    DICOM folder or a file that fails to open (the whole-image path then reports it).
+    """
+    import SimpleITK as sitk
+
+    from ..imaging import _captured_native_stderr
+
+    path = Path(path)
+    if not file_suffix(path) or not path.is_file():
         return False
-    sizes = [int(v) for v in fields.get("DimSize", "").split() if v.isdigit()]
-    if fields.get("CompressedData", "False").lower() == "true" or not (
-            len(sizes) == 2 or (len(sizes) == 3 and sizes[2] == 1)):
+    if _is_metaimage(path):  # an uncompressed MetaImage: decided from its text header
+        try:
+            fields, _ = _read_header(path)
+        except (InputError, OSError):
+            return False
+        sizes = [int(v) for v in fields.get("DimSize", "").split() if v.isdigit()]
+    else:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        with _captured_native_stderr():
+            try:
+                reader.ReadImageInformation()
+                failed = False
+            except RuntimeError:
+                failed = True
+        if failed:
+            return False
+        sizes = list(reader.GetSize())
+    if not (len(sizes) == 2 or (len(sizes) == 3 and sizes[2] == 1)):
         return False
     return sizes[0] * sizes[1] > megapixels * 1e6
 
