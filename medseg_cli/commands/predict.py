@@ -111,7 +111,7 @@ def _with_foveation_map(process, map_predictor, path: Path, series_uid: str | No
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="auto: CUDA when usable, else CPU.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="Torch back end: bf16 = bfloat16 mixed precision, ~3x faster on CPUs with AVX512-BF16/AMX "
+              help="Torch back end: bf16 = bfloat16 mixed precision, 2-3x faster on CPUs with AVX512-BF16/AMX "
                    "(fp16 on CUDA); needs a torch checkpoint such as the hippocampus-torch model.")
 @click.option("--channels", default=None,
               help="Channel files of one case, comma-separated or a glob, in the model's channel order.")

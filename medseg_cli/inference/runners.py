@@ -286,7 +286,7 @@ class TorchRunner(_PatchMixin):
 
     precision: "fp32" (default), or "bf16" / "fp16" = torch autocast: convolutions and matrix
     products in 16-bit floats with float32 accumulation, normalisations and softmax in float32.
-    On a CPU with native bfloat16 (AVX512-BF16 or AMX) "bf16" runs 3D nets about 3x faster than
+    On a CPU with native bfloat16 (AVX512-BF16 or AMX) "bf16" runs 3D nets 2-3x faster than
     float32; on a CPU without it, it would be slower than float32, so the runner keeps float32 and
     says so once. "fp16" is for CUDA (CPU float16 convolutions are emulated and slow: refused).
     """
