@@ -67,15 +67,12 @@ def _streamed(stream: bool | None, cohort: bool, case: Case, mask_path: Path, pr
     return stream_problem(predictor.card, predictor.preprocessor, picture_geometry(case.paths[0])) is None
 
 
-def _foveation_map_predictor(predictor, path: Path | None, cohort: bool, stream: bool | None):
+def _foveation_map_predictor(predictor, path: Path | None, cohort: bool):
     """The predictor of ``--foveation-map`` (None without it); refused for cohorts and non-foveation models."""
     if path is None:
         return None
     if cohort:
         raise InputError("--foveation-map takes one input, not a cohort", path=path, hint="Predict one image.")
-    if stream and not path.name.lower().endswith(".mha"):
-        raise InputError("--stream writes the foveation map tile by tile into a .mha file", path=path,
-                         hint="Name it map.mha (or drop --stream).")
     from ..inference.foveation_map import foveation_map_predictor
 
     _check_output_name(path, "foveation map")
@@ -172,7 +169,7 @@ def predict(inputs: tuple[str, ...], output: Path, model: str | None, backend: s
     cases, cohort = discover_cases(list(inputs), card, channels)
     predictor = predictor_type(runner, overlap=overlap, tta=tta, batch_size=batch_size, keep_largest=keep_largest,
                                pad_mode=pad_mode)
-    map_predictor = _foveation_map_predictor(predictor, foveation_map, cohort, stream)
+    map_predictor = _foveation_map_predictor(predictor, foveation_map, cohort)
     announced = []
 
     def announce() -> None:  # once, when the first scan is known to fit (so a bad input gives one line only)
