@@ -573,6 +573,30 @@ def _sitk_to_array(image: sitk.Image) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def read_file_as_stored(path: str | os.PathLike[str]) -> tuple[sitk.Image, np.ndarray, Geometry]:
+    """Read one image file once with :func:`read_image`'s checks but without copying its pixels.
+
+    Returns the SimpleITK image (it owns the pixel buffer: keep it as long as the view), a read-only
+    view of the pixels in ITK's array order, ``((T,) (Z,) Y, X[, C])``, in the stored type (uint8
+    stays uint8), and the geometry. For pictures too large to hold twice (tile streaming).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file" if not path.exists() else "is a folder, not an image file", path=path,
+                         hint="Give one image file.")
+    if not os.access(path, os.R_OK):
+        raise InputError("file is not readable (permission denied)", path=path)
+    image, data_bytes = _read_file(path)
+    geometry = Geometry.from_sitk(image)
+    view = sitk.GetArrayViewFromImage(image)
+    if file_suffix(path) in (".nii", ".nii.gz"):
+        view = _nifti_checks(path, image, view, data_bytes)  # NaN/Inf that ITK turned into 0 (a copy then)
+    view = view.view()
+    view.flags.writeable = False
+    _validate(view, geometry, path)
+    return image, view, geometry
+
+
 def read_image(path: str | os.PathLike[str], *, series_uid: str | None = None) -> Image:
     """Read a scan or label map: NIfTI, NRRD, MetaImage, 2D PNG/TIFF/JPEG/BMP, or a DICOM folder.
 

@@ -139,26 +139,17 @@ def _single_slice(sizes: list[int], path: Path) -> list[int]:
 
 def _read_whole(path: Path) -> RawPicture:
     """Read a non-memory-mappable picture once, in its stored pixel type, with ``read_image``'s checks."""
-    import SimpleITK as sitk
+    from ..imaging import read_file_as_stored
 
-    from ..imaging import _nifti_checks, _read_file, _validate
-
-    if not path.is_file():
-        raise InputError("streamed prediction reads one picture file" if path.exists() else "no such file",
-                         path=path, hint="Give one 2D picture file, or drop --stream.")
-    image, data_bytes = _read_file(path)                       # truncated PNG / gzip etc. refused there
+    if path.is_dir():
+        raise InputError("streamed prediction reads one picture file", path=path,
+                         hint="Give one 2D picture file, or drop --stream.")
+    image, view, geometry = read_file_as_stored(path)  # truncated PNG / gzip, bad spacing etc. refused there
     _single_slice(list(image.GetSize()), path)
-    geometry = Geometry.from_sitk(image)
-    view = sitk.GetArrayViewFromImage(image)                   # (Y, X[, C]) or (1, Y, X[, C]): no copy
     if image.GetDimension() == 3:
-        view = view[0]
+        view = view[0]                                  # (1, Y, X[, C]) -> (Y, X[, C]): still no copy
     if image.GetNumberOfComponentsPerPixel() == 1:
         view = view[..., None]
-    if file_suffix(path) in (".nii", ".nii.gz"):               # NaN/Inf that ITK turned into 0 (a copy then)
-        view = _nifti_checks(path, image, view, data_bytes)
-    view = view.view()
-    view.flags.writeable = False
-    _validate(np.moveaxis(view, -1, 0)[:, None], geometry, path)
     return RawPicture(path, view, geometry, owner=image)
 
 
