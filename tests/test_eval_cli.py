@@ -214,6 +214,9 @@ def test_inline_label_names(medseg, tmp_path):
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)["per_case"]
     assert row["label"] == "lesion" and 0 < row["dice"] < 1
+    broken = medseg("eval", tmp_path / "p.nii.gz", tmp_path / "r.nii.gz", "--label-names", '{"1": "lesion"')
+    line = _one_error_line(broken)                      # inline JSON is no file: named as the option, not a path
+    assert broken.returncode == 2 and line.startswith("error: --label-names is not readable JSON"), line
 
 
 # ------------------------------------------------------------------------ colour-coded masks
@@ -252,6 +255,7 @@ def test_colour_masks_are_mapped_to_labels_with_label_map(medseg, shared_data, t
         assert report["size_unit"] == "pixels"                             # PNG areas: pixels, never mL
     text = medseg("eval", grey, colour, "--label-map", US_LABEL_MAP)
     assert text.returncode == 0 and "ΔA px" in text.stdout and "mL" not in text.stdout, text.stderr
+    assert "HD95 px" in text.stdout and "NSD at 1 px" in text.stdout and "HD95 mm" not in text.stdout  # spacing 1/px
 
 
 def test_a_colour_missing_from_the_label_map_is_one_clear_line(medseg, shared_data, tmp_path):
@@ -291,3 +295,15 @@ def test_a_region_named_like_a_label_is_refused(medseg, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)["summary"]
     assert set(summary) == {"liver", "spleen", "organs"} and summary["organs"]["kind"] == "region"
+
+
+def test_many_unexpected_labels_make_one_warning_line(medseg, tmp_path):
+    """An intensity image given as the prediction: its many values are one warning, not one line each."""
+    pred, ref = _cube_pair()
+    pred = pred.copy()
+    pred[0, 0, :12] = np.arange(3, 15)                                  # twelve values no reference has
+    result = medseg("eval", _write(tmp_path / "p.nii.gz", pred), _write(tmp_path / "r.nii.gz", ref))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "no reference" in line]
+    assert warnings == ["warning: 12 labels (3, 4, 5, 6, 7, 8, 9, 10, ...) appear in predictions but in no "
+                        "reference (cases: r)"], result.stderr

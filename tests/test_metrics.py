@@ -244,6 +244,8 @@ def test_fov_mask_excludes_voxels_outside():
     assert inside["specificity"] == 1.0
     counted = compare_masks(pred, ref, (1, 1, 1), fov=fov)
     assert counted["voxels_pred"] == 4
+    pred[0, 0, 5] = True  # a false positive inside: negatives are counted inside the fov only (32 - 4)
+    assert compare_masks(pred, ref, (1, 1, 1), fov=fov)["specificity"] == pytest.approx(27 / 28)
 
 
 def test_confusion_matrix_miou_and_mpa_by_hand():

@@ -41,14 +41,14 @@ def _is_integer(text: str) -> bool:
 def read_label_names(path: str) -> dict[int, str]:
     """{value: name} from JSON given inline or as a file: ``{"1": "liver"}``, ``{"liver": 1}`` or
     ``{"labels": {...}}`` (a model card)."""
-    file = Path(path)
+    inline = path.lstrip().startswith("{")
+    file = None if inline else Path(path)  # inline JSON is no file to name in errors
     try:
-        text = path if path.lstrip().startswith("{") else file.read_text(encoding="utf-8")
-        data = json.loads(text)
+        data = json.loads(path if file is None else file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError("label-names file not found", path=file, hint="Check the --label-names path.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"not a readable JSON file ({err})", path=file,
+        raise InputError(f"--label-names is not readable JSON ({err})", path=file,
                          hint='Write e.g. {"1": "liver", "2": "spleen"}') from None
     if isinstance(data, dict) and isinstance(data.get("labels"), dict):
         data = data["labels"]

@@ -8,6 +8,7 @@ import math
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -103,9 +104,7 @@ def read_labels(image: Image, role: str, options: EvalOptions) -> np.ndarray:
 
         width = len(options.label_map[0][0])
         if image.num_channels == width:
-            channels = image.channels()
-            if width == 1:
-                channels = as_label_array(image, role)[None]
+            channels = as_label_array(image, role)[None] if width == 1 else image.channels()
             return apply_label_map(channels, dict(options.label_map), source=image.source)
         if image.num_channels > 1:
             raise InputError(f"{role} has {image.num_channels} channels but the --label-map keys have {width} "
@@ -171,9 +170,16 @@ def fov_path_for(fov: str | None, case: str) -> Path | None:
                      hint="Name each mask like its case (any image suffix), or give one mask file.")
 
 
+@lru_cache(maxsize=1)
+def _read_fov_image(path: Path, mtime_ns: int) -> Image:
+    """One --fov-mask file is read once per process, not once per case (mtime_ns: a rewritten file is
+    read again). Callers never modify the image."""
+    return read_image(path)
+
+
 def read_fov(path: Path, ref: Image) -> np.ndarray:
     """A field-of-view mask on the reference's grid: True where metrics count."""
-    image = read_image(path)
+    image = _read_fov_image(path, path.stat().st_mtime_ns)
     differences = geometry_mismatch(image, ref)
     if differences:
         raise InputError(f"field-of-view mask does not lie on the grid of {ref.source}: " + "; ".join(differences),
@@ -312,9 +318,12 @@ def aggregate(results: list[dict], options: EvalOptions, pairing: Pairing | None
                 rows.append({"case": result["case"], "label": template["label"],
                              "label_values": template["label_values"], "kind": template["kind"],
                              **empty_metrics(tolerance)})
+    rows_of: dict[str, list[dict]] = {}
+    for row in rows:
+        rows_of.setdefault(row["label"], []).append(row)
     summary = {}
     for template in order:
-        label_rows_all = [r for r in rows if r["label"] == template["label"]]
+        label_rows_all = rows_of[template["label"]]
         summary[template["label"]] = {
             "label_values": template["label_values"], "kind": template["kind"], "cases": len(label_rows_all),
             "status": {s: sum(1 for r in label_rows_all if r["status"] == s) for s in STATUSES},
@@ -377,9 +386,15 @@ def report_warnings(report: dict) -> list[str]:
         if files:
             names = ", ".join(Path(f).name for f in files[:5]) + (", ..." if len(files) > 5 else "")
             lines.append(f"{len(files)} {role} file(s) without a partner, not evaluated: {names}")
+    # one line per set of cases, not per value: an intensity image given as a prediction has hundreds
+    by_cases: dict[tuple[str, ...], list[str]] = {}
     for value, cases in sorted(report["unexpected_prediction_labels"].items(), key=lambda kv: int(kv[0])):
+        by_cases.setdefault(tuple(cases), []).append(value)
+    for cases, values in by_cases.items():
         names = ", ".join(cases[:5]) + (", ..." if len(cases) > 5 else "")
-        lines.append(f"label {value} appears in predictions but in no reference (cases: {names})")
+        which = f"label {values[0]} appears" if len(values) == 1 else \
+            f"{len(values)} labels ({', '.join(values[:8])}{', ...' if len(values) > 8 else ''}) appear"
+        lines.append(f"{which} in predictions but in no reference (cases: {names})")
     for detail in report["case_details"]:
         for note in detail["notes"]:
             lines.append(f"{detail['case']}: {note}")

@@ -14,7 +14,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .surfaces import SurfaceDistances, bounding_box, surface_distances
+from ..preprocessing import bounding_box
+from .surfaces import SurfaceDistances, surface_distances
 
 # status -> values of the metrics that are not computed from counts when a mask is empty
 BOTH_EMPTY, PRED_EMPTY, REF_EMPTY, OK = "both_empty", "pred_empty", "ref_empty", "ok"
@@ -213,7 +214,9 @@ def compare_masks(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], *
             raise ValueError(f"field-of-view mask {fov.shape} does not fit masks {pred.shape}")
         pred, ref = pred & fov, ref & fov
     box = bounding_box(pred | ref)
-    counts = overlap_counts(pred, ref, fov, box=box)
+    counts = overlap_counts(pred, ref, box=box)  # the masks are already cut to fov: only TN needs it
+    if fov is not None:
+        counts["tn"] = int(np.count_nonzero(fov)) - counts["tp"] - counts["fp"] - counts["fn"]
     result: dict = {"status": mask_status(counts["tp"] + counts["fp"], counts["tp"] + counts["fn"])}
     result.update(overlap_metrics(counts, float(np.prod(spacing2))))
     if result["status"] == OK:

@@ -64,16 +64,17 @@ def summary_table(report: dict):
     """A rich Table: one row per label/region with the headline numbers."""
     from rich.table import Table
 
-    tolerance = report["tolerance_mm"]
-    title = (f"{report['cases']} case(s), {report['convention']} surfaces, NSD at {tolerance:g} mm "
-             "(per-label overrides in per_case.csv)")
-    table = Table(title=title, title_justify="left")
-    # volume_diff_mm3 is an area for 2D pictures (mm², or pixels for PNG/JPEG/TIFF): never shown as mL there
+    # volume_diff_mm3 is an area for 2D pictures (mm², or pixels for PNG/JPEG/TIFF): never shown as mL there;
+    # PNG/JPEG/TIFF spacing is 1 per pixel, so their distances (and the NSD tolerance) are pixels, not mm
     unit = report.get("size_unit", "mm3")
     size_heading, size_scale, size_digits = {"mm3": ("ΔV mL", 1e-3, 2), "mm2": ("ΔA mm²", 1.0, 1),
                                              "pixels": ("ΔA px", 1.0, 0)}.get(unit, ("ΔV mm³ / ΔA mm²", 1.0, 1))
-    for column, justify in (("label", "left"), ("n", "right"), ("Dice", "right"), ("HD95 mm", "right"),
-                            ("ASSD mm", "right"), ("NSD", "right"), (size_heading, "right"),
+    distance = "px" if unit == "pixels" else "mm"
+    title = (f"{report['cases']} case(s), {report['convention']} surfaces, NSD at {report['tolerance_mm']:g} "
+             f"{distance} (per-label overrides in per_case.csv)")
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("label", "left"), ("n", "right"), ("Dice", "right"), (f"HD95 {distance}", "right"),
+                            (f"ASSD {distance}", "right"), ("NSD", "right"), (size_heading, "right"),
                             ("empty b/p/r", "right")):
         table.add_column(column, justify=justify, overflow="fold")
     for name, entry in report["summary"].items():

@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..preprocessing import bounding_box
+
 CONVENTIONS = ("element", "voxel")
 _GATHER_LIMIT = 1 << 21  # elements per (points × offsets) block of the local search (16 MiB as int64)
 
@@ -108,23 +110,6 @@ class SurfaceDistances:
     pred_weights: np.ndarray
     ref_weights: np.ndarray
     convention: str = "element"
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tight box (one slice per axis) around the True voxels of ``mask``; None when empty."""
-    box = []
-    current = mask
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(np.any(current, axis=other))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-        # narrow the next reductions to what is already known to hold the mask
-        index = [slice(None)] * mask.ndim
-        index[axis] = box[-1]
-        current = current[tuple(index)]
-    return tuple(box)
 
 
 def padded_crop(mask: np.ndarray, box: Sequence[slice]) -> np.ndarray:
