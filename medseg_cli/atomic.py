@@ -43,6 +43,18 @@ def ensure_writable_folder(folder: Path, *, for_file: Path | None = None) -> Non
                          hint="Choose a writable output location or fix its permissions.")
 
 
+def check_output_path(destination: str | os.PathLike[str]) -> Path:
+    """Raise :class:`InputError` unless a file can be written at ``destination`` (its folder is created
+    if needed); return that folder. Commands call it before long work, :func:`atomic_output` again."""
+    destination = Path(destination)
+    folder = destination.parent if str(destination.parent) else Path(".")
+    ensure_writable_folder(folder, for_file=destination)
+    if destination.is_dir():
+        raise InputError("output path is an existing folder", path=destination,
+                         hint="Give a file name, e.g. mask.nii.gz.")
+    return folder
+
+
 _SWEPT: set[str] = set()  # folders already cleaned by this process
 
 
@@ -75,11 +87,7 @@ def atomic_output(destination: str | os.PathLike[str]) -> Iterator[Path]:
             writer(tmp)          # may also create companions, e.g. tmp.with_suffix(".raw")
     """
     destination = Path(destination)
-    folder = destination.parent if str(destination.parent) else Path(".")
-    ensure_writable_folder(folder, for_file=destination)
-    if destination.is_dir():
-        raise InputError("output path is an existing folder", path=destination,
-                         hint="Give a file name, e.g. mask.nii.gz.")
+    folder = check_output_path(destination)
     remove_stale_scratch(folder)
     try:
         scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=folder))

@@ -506,7 +506,8 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[sitk.Image
     if series_uid is not None:
         if series_uid not in series:
             raise InputError(f"series {series_uid} is not in this folder", path=folder,
-                             hint="Available: " + ", ".join(f"{uid} ({len(f)} slices)" for uid, f in series.items()))
+                             hint="Available: " + ", ".join(f"{uid or '(no UID)'} ({len(f)} slices)"
+                                                      for uid, f in series.items()))
         chosen = series_uid
     else:
         chosen = next(iter(series))

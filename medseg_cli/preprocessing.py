@@ -45,14 +45,19 @@ def bounding_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[sli
     mask = np.asarray(mask)
     margins = _per_axis(margin, mask.ndim, "margin")
     box = []
+    current = mask
     for axis in range(mask.ndim):
         other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(np.any(mask, axis=other) if other else mask)
+        hits = np.flatnonzero(np.any(current, axis=other) if other else current)
         if hits.size == 0:
             return None
         low = max(0, int(hits[0]) - margins[axis])
         high = min(mask.shape[axis], int(hits[-1]) + 1 + margins[axis])
         box.append(slice(low, high))
+        # later axes only need to look inside the tight extent found so far
+        index = [slice(None)] * mask.ndim
+        index[axis] = slice(int(hits[0]), int(hits[-1]) + 1)
+        current = current[tuple(index)]
     return tuple(box)
 
 

@@ -193,6 +193,8 @@ def test_autofocus_authors_tarball_is_fetched_and_converted(tmp_path, medseg_hom
         assert done.returncode == 0, done.stderr
         assert "no published sha256; trusting it on first use" in done.stderr
         onnx_path = medseg_home / "models" / "AFN1.onnx"
+        # the extracted checkpoint and the scratch folder are gone: only the converted model stays
+        assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["AFN1.onnx"]
         rows = models_json(cli, manifest)
         assert rows["AFN1"]["status"] == "verified" and rows["AFN2"]["status"] == "missing"
         trust = json.loads((medseg_home / "registry.json").read_text())["trust"][url]

@@ -93,6 +93,13 @@ def test_medseg_export_cli_errors_are_one_line_with_exit_code(tmp_path, medseg):
     not_torch.write_bytes(b"\x1f\x8b\x08\x00" + bytes(64))
     wrong = medseg("export", not_torch, "-o", out)
     assert wrong.returncode == 3 and "is not a torch checkpoint" in wrong.stderr and not out.exists()
+    # an opset torch's exporter cannot write, or an output that is a folder: refused before any export work
+    checkpoint, _ = _checkpoint(tmp_path, "unet3d", {"init_features": 4}, input_patch=[16, 16, 16])
+    too_new = medseg("export", checkpoint, "-o", out, "--opset", "99")
+    assert too_new.returncode == 2 and "17<=x<=20" in too_new.stderr and "graph(" not in too_new.stderr
+    folder = medseg("export", checkpoint, "-o", tmp_path)
+    assert folder.returncode == 2 and "output path is an existing folder" in folder.stderr
+    assert not out.exists() and not list(tmp_path.glob(".medseg-partial-*"))
 
 
 def test_static_export_pins_the_spatial_axes_but_not_the_batch(tmp_path):

@@ -132,6 +132,7 @@ def test_info_human_output_dicom_and_colour_mask(medseg, shared_data):
     mask = medseg("info", shared_data / "ultrasound" / "masks" / "0000.png")
     assert mask.returncode == 0, mask.stderr
     assert "colour-coded label map" in mask.stdout and "(128, 0, 0)" in mask.stdout and "area (pixels)" in mask.stdout
+    assert "none stored" in mask.stdout and "extent" not in mask.stdout  # a PNG has no size in mm
     label = medseg("info", "--quiet", shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz")
     assert label.returncode == 0 and "labels" in label.stdout and "volume (mm³)" in label.stdout
     assert label.stderr.strip() == ""

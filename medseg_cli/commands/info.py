@@ -6,11 +6,11 @@ import click
 from rich.table import Table
 
 from ..console import Console, command_options, escape
-from ..imaging import describe, read_image
-from ..sizes import VOLUME_MM3, size_columns, size_rows, size_unit
 
 
 def _render(console: Console, facts: dict) -> None:
+    from ..sizes import AREA_PIXELS, VOLUME_MM3, size_columns
+
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -30,8 +30,11 @@ def _render(console: Console, facts: dict) -> None:
             table.add_row("DICOM modality", escape(label))
     z, y, x = facts["size_zyx"]
     table.add_row("size (Z, Y, X)", f"{z} × {y} × {x}" + (f", {facts['channels']} channels" if facts["channels"] > 1 else ""))
-    table.add_row("spacing (x, y, z)", vec(facts["spacing_xyz_mm"]) + " mm")
-    table.add_row("extent (x, y, z)", vec(facts["physical_size_xyz_mm"]) + " mm")
+    if facts["size_unit"] == AREA_PIXELS:  # PNG/JPEG/TIFF/BMP: "1 mm" would be an invented size
+        table.add_row("spacing", "none stored (the format keeps no physical pixel size)")
+    else:
+        table.add_row("spacing (x, y, z)", vec(facts["spacing_xyz_mm"]) + " mm")
+        table.add_row("extent (x, y, z)", vec(facts["physical_size_xyz_mm"]) + " mm")
     table.add_row("origin (x, y, z)", vec(facts["origin_xyz_mm"], 6) + " mm (LPS)")
     d = facts["direction"]
     table.add_row("direction", " ".join(vec(d[i:i + 3], 3) for i in (0, 3, 6)))
@@ -75,6 +78,9 @@ def info(scan: str, series_uid: str | None, as_label: bool | None, console: Cons
     origin, direction, orientation code, pixel type, intensity range, and for a label map the
     voxel count and volume (mm³) of every label (of every colour for a colour-coded mask); for a 2D
     picture the area instead: mm², or pixels for PNG/JPEG/TIFF/BMP (which store no physical size)."""
+    from ..imaging import describe, read_image  # numpy + SimpleITK: not loaded for `medseg info --help`
+    from ..sizes import size_rows, size_unit
+
     image = read_image(scan, series_uid=series_uid)
     facts = describe(image, as_label=as_label)
     facts["size_unit"] = size_unit(image.source, image.spatial_shape)

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import atomic_output
 from ..errors import ChecksumError, InputError, MedsegError, MedsegWarning, ModelError, ProcessingError
 from ..progress import Progress, ensure_progress
 from .archive import extract_member
@@ -434,23 +434,17 @@ def _fetch_from_source(entry: ManifestEntry, source: Source, final: Path, *, cac
         if force or expected is None or not cache.is_verified(raw, expected):
             download_verified(source, raw, cache=cache, timeout=timeout, mirror=mirror, progress=progress,
                               label=f"{entry.name} ({source.basename})")
-    scratch = Path(tempfile.mkdtemp(prefix=".medseg-partial-", dir=cache.models_dir))
-    try:
-        extracted = scratch / "member"
+    with atomic_output(final) as produced:
+        extracted = produced.with_name(".member")  # removed before atomic_output moves the folder's files
         with progress.task(f"{entry.name}: extracting {source.member}", total=None):
             extract_member(raw, source.member, extracted)
-        produced = scratch / final.name
         if source.format in CONVERTERS:
             with progress.task(f"{entry.name}: converting ({source.format})", total=None):
                 _convert(entry, source, extracted, produced)
+            extracted.unlink()
         else:
             extracted.rename(produced)
         digest = sha256_file(produced)
-        with open(produced, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(produced, final)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     cache.record_file(final, digest, source=source.url, model=entry.name)
     return digest
 
@@ -514,12 +508,9 @@ def register_local_model(path: str | Path, name: str | None = None, *, cache: Ca
     cache.ensure()
     final = cache.models_dir / f"{name}.onnx"
     with cache.lock(f"model-{name}"):
-        part, _ = _part_paths(final)
-        shutil.copyfile(path, part)
-        digest = sha256_file(part)
-        with open(part, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(part, final)
+        with atomic_output(final) as copy:
+            shutil.copyfile(path, copy)
+            digest = sha256_file(copy)
         cache.record_file(final, digest, source=str(path.resolve()), model=name)
         cache.register_local(name, {"file": cache.relative(final), "sha256": digest, "size": final.stat().st_size,
                                     "registered_from": str(path.resolve()), "card_name": card.name})
