@@ -298,6 +298,22 @@ def test_conv_norm_act_follows_the_layer_order():
         ConvNormAct(2, 4, order="cx")
 
 
+def test_vnet_residual_block_follows_the_layer_order():
+    """The residual block's norms: a norm before the conv sees its input channels, group norm the output."""
+    from medseg_cli.zoo.vnet import ResidualConvBlock
+
+    block = ResidualConvBlock(2, 3, 4, order="icr")
+    kinds = [type(m) for m in block.convblock]
+    assert kinds == [nn.InstanceNorm3d, nn.Conv3d, nn.ReLU, nn.InstanceNorm3d, nn.Conv3d]
+    assert block.convblock[0].num_features == 3 and block.convblock[3].num_features == 4
+    assert isinstance(block.final_nolinear_activation, nn.ReLU)
+    block = ResidualConvBlock(1, 3, 16, order="cgp", num_groups=8, identity_channels=3)
+    assert isinstance(block.convblock[1], nn.GroupNorm) and block.convblock[1].num_groups == 8
+    assert block.convblock[0].bias is None and isinstance(block.final_nolinear_activation, nn.PReLU)
+    x = torch.randn(1, 3, 4, 4, 4)
+    assert block(x, x).shape == (1, 16, 4, 4, 4)
+
+
 # ------------------------------------------------------------------------------------------------
 # attention plugged into the networks through kwargs
 
@@ -362,6 +378,8 @@ def test_attention_on_one_chosen_encoder_stage(stage):
 def test_slice_attention_needs_depth_and_pins_it():
     with pytest.raises(ModelError, match="depth"):
         UNet3D(1, 2, init_features=4, attention="pam")
+    with pytest.raises(ModelError, match="depth"):
+        VNet(1, 2, init_features=4, attention="slice")
     with pytest.raises(ModelError, match="depth"):
         build_attention("slice", 8, dims=2, slices=4)
     net = UNet3D(1, 2, init_features=4, attention="slice", depth=16)

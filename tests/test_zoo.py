@@ -377,3 +377,5 @@ def test_medseg_zoo_lists_every_model(medseg):
     table = CliRunner().invoke(main, ["zoo", "--family", "vnet", "--num-classes", "1"], terminal_width=200)
     assert table.exit_code == 0, table.output
     assert "vnet_la" in table.output and "10,759,305" in table.output and "unet2d_bn" not in table.output
+    unknown = CliRunner().invoke(main, ["zoo", "--family", "nope"])
+    assert unknown.exit_code == 2 and "unknown model family 'nope'" in unknown.output

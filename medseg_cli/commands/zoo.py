@@ -15,12 +15,13 @@ def count_default_parameters(name: str, in_channels: int, num_classes: int) -> i
 
     from ..errors import MedsegError
     from ..zoo import build_model
+    from ..zoo.blocks import count_parameters
 
     for device in ("meta", "cpu"):
         try:
             with torch.device(device):
                 model = build_model(name, in_channels, num_classes)
-            return sum(p.numel() for p in model.parameters())
+            return count_parameters(model)
         except (MedsegError, RuntimeError, NotImplementedError, ValueError, TypeError):
             continue
     return None
@@ -29,8 +30,11 @@ def count_default_parameters(name: str, in_channels: int, num_classes: int) -> i
 def zoo_rows(*, in_channels: int = 1, num_classes: int = 2, family: str | None = None) -> list[dict]:
     """One dict per registered model: name, family, spatial_dims, parameters (at default width for
     ``in_channels`` -> ``num_classes``), description."""
-    from ..zoo import list_models
+    from ..errors import InputError
+    from ..zoo import FAMILY_MODULES, list_models
 
+    if family and family.lower() not in FAMILY_MODULES:
+        raise InputError(f"unknown model family {family!r}", hint=f"Use one of: {', '.join(FAMILY_MODULES)}.")
     rows = []
     for entry in list_models():
         if family and entry.family.lower() != family.lower():
@@ -66,7 +70,7 @@ def _render(console: Console, rows: list[dict], in_channels: int, num_classes: i
               help="Output classes used to count parameters.")
 @command_options
 def zoo(family: str | None, in_channels: int, num_classes: int, console: Console) -> None:
-    """List the networks of the model zoo (build them by name with `architecture:` in a training
+    """List the networks of the model zoo (build one by name with `model: {name: NAME}` in a training
     config): name, family, 2D/3D, parameter count at the paper's default width, description."""
     rows = zoo_rows(in_channels=in_channels, num_classes=num_classes, family=family)
     console.emit(rows, render=lambda: _render(console, rows, in_channels, num_classes))

@@ -394,6 +394,8 @@ class SequentialBAM(nn.Module):
 
 ATTENTION_KINDS = ("se", "cbam", "pe", "slice", "pam", "scse", "csse", "bam")
 """Names accepted by :func:`build_attention` (``"ag"``, the skip gate, is wired by the networks)."""
+SLICE_KINDS = ("slice", "pam", "scse", "csse")
+"""Kinds with one weight per depth slice: they need the map's depth (``slices``) and a 3D network."""
 
 
 def build_attention(kind: str, channels: int, *, dims: int = 3, slices: int | None = None,
@@ -410,10 +412,9 @@ def build_attention(kind: str, channels: int, *, dims: int = 3, slices: int | No
     gate (the MIS seed's module, with its gate bug fixed); ``bam_dilation`` is BAM's spatial-gate dilation.
     """
     kind = kind.lower()
-    needs_slices = kind in ("slice", "pam", "scse", "csse")
-    if needs_slices and (dims != 3 or not slices):
+    if kind in SLICE_KINDS and (dims != 3 or not slices):
         raise ModelError(f"attention {kind!r} needs a 3D network built with the input depth",
-                         hint="Pass depth=<patch depth in voxels> to the model (e.g. architecture_kwargs).")
+                         hint="Give depth: <input patch depth in voxels> in model.kwargs (a build_model keyword).")
     if kind == "se":
         return ChannelSE(channels, reduction, pooling)
     if kind == "cbam":

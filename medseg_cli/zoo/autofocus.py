@@ -84,8 +84,11 @@ def center_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
 
 
 def seed_init_(module: nn.Module) -> nn.Module:
-    """The seed's initialisation: Conv3d weights ~ N(0, 0.01) (biases untouched), BN weight 1, bias 0."""
+    """The seed's initialisation: Conv3d weights ~ N(0, 0.01) (biases untouched), BN weight 1, bias 0.
+    Modules on the ``meta`` device (counting parameters) are left alone: ``normal_`` there costs seconds."""
     for m in module.modules():
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            continue
         if isinstance(m, nn.Conv3d):
             nn.init.normal_(m.weight, 0.0, 0.01)
         elif isinstance(m, nn.BatchNorm3d):

@@ -22,8 +22,6 @@ from ..errors import ModelError
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_MAX_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_AVG_POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
@@ -42,14 +40,6 @@ def conv_nd(dims: int) -> type[nn.Module]:
 def conv_transpose_nd(dims: int) -> type[nn.Module]:
     """``nn.ConvTranspose2d`` or ``nn.ConvTranspose3d``."""
     return _CONV_T[_check_dims(dims)]
-
-
-def max_pool_nd(dims: int) -> type[nn.Module]:
-    return _MAX_POOL[_check_dims(dims)]
-
-
-def avg_pool_nd(dims: int) -> type[nn.Module]:
-    return _AVG_POOL[_check_dims(dims)]
 
 
 def batch_norm_nd(dims: int) -> type[nn.Module]:

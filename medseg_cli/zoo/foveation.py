@@ -9,8 +9,9 @@ from the fused view.
 
 The network consumes the **context patch** (the largest view, ``s_max * P`` pixels square) and returns
 logits for its central P x P pixels, so to the sliding window and the training loop it is just a
-"valid convolution" net: ``input_patch_for((P, P)) == (s_max * P, s_max * P)``. The same maths is also
-available piecewise for tile streaming over images too large for memory:
+"valid convolution" net: ``input_patch_for((P, P)) == (s_max * P, s_max * P)``; that is all the
+sliding window and ``medseg predict --stream`` use. The same maths is also available piecewise, one
+location at a time:
 
 * :func:`crop_context` / :func:`extract_fov_patches` -- pure helpers: cut the context of one location
   out of a large image (torch tensor or numpy array / memmap, zero-padded at the borders, the seed's

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .attention import ATTENTION_KINDS, AdditiveAttentionGate, GridAttentionGate, build_attention
+from .attention import ATTENTION_KINDS, SLICE_KINDS, AdditiveAttentionGate, GridAttentionGate, build_attention
 from .blocks import ConvNormAct, PatchContract, upsample_to
 from .registry import register_model
 
@@ -42,12 +42,13 @@ from .registry import register_model
 
 
 def parse_attention(attention: str | Sequence[str] | None, stages: Sequence[int] | None,
-                    num_stages: int) -> tuple[list[str], bool, set[int]]:
+                    num_stages: int, depth: int | None = None) -> tuple[list[str], bool, set[int]]:
     """Normalise the ``attention`` / ``attention_stages`` kwargs.
 
     Returns ``(module kinds in order, attention gate wanted, encoder stages (1-based))``. ``attention``
     is a kind of :data:`~medseg_cli.zoo.attention.ATTENTION_KINDS`, ``"ag"`` (attention gate on the
-    skip connections), or a list of them (e.g. ``["pam", "ag"]``, the seed's PAM network).
+    skip connections), or a list of them (e.g. ``["pam", "ag"]``, the seed's PAM network). Slice-based
+    kinds (:func:`needs_depth`) need ``depth``, the input patch depth in voxels.
     """
     if attention in (None, "", "none"):
         kinds: list[str] = []
@@ -63,6 +64,9 @@ def parse_attention(attention: str | Sequence[str] | None, stages: Sequence[int]
     if bad:
         raise ModelError(f"attention_stages {bad} out of range",
                          hint=f"Encoder stages are numbered 1..{num_stages}.")
+    if needs_depth(kinds) and not depth:
+        raise ModelError(f"attention {kinds} needs depth",
+                         hint="Give depth: <input patch depth in voxels> in model.kwargs (a build_model keyword).")
     gate = "ag" in kinds
     return [k for k in kinds if k != "ag"], gate, chosen
 
@@ -89,7 +93,8 @@ def slices_at(depth: int | None, level: int) -> int | None:
 
 
 def needs_depth(kinds: list[str]) -> bool:
-    return any(k in ("slice", "pam", "scse", "csse") for k in kinds)
+    """True when one of ``kinds`` has one weight per depth slice (the network then needs ``depth``)."""
+    return any(k in SLICE_KINDS for k in kinds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,9 +183,7 @@ class UNet3D(PatchContract, nn.Module):
         super().__init__()
         if num_levels < 2:
             raise ModelError("num_levels must be >= 2", hint="The seed uses 4 levels.")
-        kinds, gate, stages = parse_attention(attention, attention_stages, num_levels)
-        if needs_depth(kinds) and not depth:
-            raise ModelError(f"attention {kinds} needs depth", hint="Pass depth=<input patch depth in voxels>.")
+        kinds, gate, stages = parse_attention(attention, attention_stages, num_levels, depth)
         options = {"reduction": 8, "slice_reduction": 16, **(attention_kwargs or {})}
         widths = [init_features * 2 ** k for k in range(num_levels)]
         self.num_levels = num_levels

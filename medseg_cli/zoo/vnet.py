@@ -17,11 +17,12 @@ from torch import nn
 
 from ..errors import ModelError
 from .attention import SequentialBAM
-from .blocks import ConvNormAct, PatchContract, activation
+from .blocks import _ORDER_LETTERS, ConvNormAct, PatchContract, activation, norm_nd
 from .registry import register_model
 from .unet import attention_module, needs_depth, parse_attention
 
-_ACTIVATION_LETTERS = {"r": "relu", "l": "leakyrelu", "e": "elu", "p": "prelu", "s": "swish", "m": "mish"}
+_ACTIVATION_LETTERS = {letter: kind for letter, (_, kind) in _ORDER_LETTERS.items()}
+_NORM_LETTERS = {"g": "group", "i": "instance", "b": "batch"}
 
 # ----------------------------------------------------------------------------------------------
 # MIS VNet
@@ -55,12 +56,9 @@ class ResidualConvBlock(nn.Module):
                     final_act = _ACTIVATION_LETTERS[char]
                     if not last:
                         modules.append(activation(final_act, out_channels))
-                elif char == "g":
-                    modules.append(nn.GroupNorm(min(num_groups, out_channels), out_channels))
-                elif char == "i":
-                    modules.append(nn.InstanceNorm3d(cin if j < conv_at else out_channels, affine=True))
-                elif char == "b":
-                    modules.append(nn.BatchNorm3d(cin if j < conv_at else out_channels))
+                elif char in _NORM_LETTERS:  # group norm always over the conv's output, as the seed
+                    channels = cin if j < conv_at and char != "g" else out_channels
+                    modules.append(norm_nd(_NORM_LETTERS[char], 3, channels, num_groups))
         self.convblock = nn.Sequential(*modules)
         self.final_nolinear_activation = nn.Identity() if final_act == "identity" else activation(final_act, out_channels)
         ident = out_channels if identity_channels is None else identity_channels
@@ -135,11 +133,9 @@ class VNet(PatchContract, nn.Module):
                  attention_stages: Sequence[int] | None = None, decoder_attention: bool = False,
                  depth: int | None = None, attention_kwargs: dict | None = None):
         super().__init__()
-        kinds, gate, stages = parse_attention(attention, attention_stages, 4)
+        kinds, gate, stages = parse_attention(attention, attention_stages, 4, depth)
         if gate:
             raise ModelError("attention 'ag' is not available for vnet", hint="Use it with unet3d.")
-        if needs_depth(kinds) and not depth:
-            raise ModelError(f"attention {kinds} needs depth", hint="Pass depth=<input patch depth in voxels>.")
         options = {"reduction": 4, "slice_reduction": 8, **(attention_kwargs or {})}
         f = [init_features * 2 ** k for k in range(4)]
         common = {"order": layer_order, "num_groups": num_groups}
