@@ -188,6 +188,13 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(shared_data, tmp_path):
     result = train(config, resume=True)
     assert result.epochs_done == 4 and not result.stopped_early
     assert read_card_from_onnx(result.onnx_path).training["epochs"] == 4
+    # --resume of the finished run: nothing is trained, validated or written again
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "timed").iterdir()}
+    messages: list[str] = []
+    again = train(config, resume=True, log=messages.append)
+    assert any("all 4 epochs already trained" in m for m in messages), messages
+    assert again.epochs_done == 4 and again.onnx_path == result.onnx_path and again.val_dice == result.val_dice
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "timed").iterdir()} == stamps
 
 
 # --------------------------------------------------------------------------------------- bad input

@@ -68,7 +68,7 @@ def test_shipped_config_is_valid(path: Path, dataset: Path):
     assert len(output_patch) == 3 and all(i >= o for i, o in zip(input_patch, output_patch))
     if "data.root" not in overrides:  # real data in ../shared/data: the cases are found
         minimum = 1 if config.cascade is not None else 10  # configs/cascade_spleen.yaml: one training scan
-        assert len(find_cases(config.data, config.source)) >= minimum
+        assert len(find_cases(config.data)) >= minimum
 
 
 def test_default_model_config(shared_data):
@@ -84,7 +84,7 @@ def test_default_model_config(shared_data):
 def test_label_maps_of_png_datasets(name: str, tmp_path: Path):
     """DRIVE masks are 0 / 255, USGRA masks are RGB colours: label_map turns both into classes 0..K-1."""
     config = load_config(CONFIGS / f"{name}.yaml", {"data.max_cases": 2})
-    cases = find_cases(config.data, config.source)
+    cases = find_cases(config.data)
     cached = prepare_cache(cases, config.preprocessing, config.num_classes, tmp_path,
                            label_map=config.data.label_map, channels=config.data.channels)
     for case in cached:
@@ -186,6 +186,15 @@ def test_relative_paths_resolve_against_the_config(dataset: Path):
     config = load_config(path, {"training.epochs": 3})
     assert config.data.root == str(dataset) and config.output == str(dataset / "runs" / "x")
     assert config.training.epochs == 3
+
+
+def test_set_overrides_fill_null_sections_and_refuse_paths_through_values(dataset: Path):
+    path = dataset / "cfg.yaml"
+    path.write_text(yaml.safe_dump(minimal(dataset, loss=None)))
+    config = load_config(path, {"loss.dice_batch": False})  # `loss: null` becomes a section
+    assert config.loss.dice_batch is False
+    with pytest.raises(InputError, match=r"cfg.yaml: --set training.epochs.x: training.epochs is a value"):
+        load_config(path, {"training.epochs": 2, "training.epochs.x": 1})
 
 
 # ----------------------------------------------------------------------------------- cases and splits
@@ -322,3 +331,9 @@ def test_channel_suffixed_cases_are_cached_in_channel_order(shared_data: Path, t
     with pytest.raises(InputError, match="image has 1 channel.*data.channels = 2"):
         prepare_cache(find_cases(DataConfig(root=str(shared_data / "hippocampus"), max_cases=1)),
                       {"normalization": {"kind": "zscore"}}, 3, tmp_path / "cache1", channels=2)
+    # a bad case after a good one: the half-written cache folder is removed
+    good = cases[0]
+    bad = Case("zz_bad", good.images, str(root / "imagesTr" / "case_0001.nii.gz"))  # an image as label map
+    with pytest.raises(InputError, match=r"case_0001.nii.gz: label values \[3, 4"):
+        prepare_cache([good, bad], {"normalization": {"kind": "zscore"}}, 3, tmp_path / "cache2", channels=2)
+    assert list((tmp_path / "cache2").iterdir()) == []

@@ -68,13 +68,13 @@ def train(config_path: str | None, print_model: str | None, resume: bool, max_mi
 
     def epoch_printer(stage_config):
         labels = [str(stage_config.labels[k]) for k in sorted(stage_config.labels, key=int)][1:]
+        first = [True]  # the header goes above the first row printed (epoch 1, or the first resumed epoch)
 
         def on_epoch(row: dict) -> None:
             if console.quiet or console.json_mode:
                 return
-            table = Table(show_header=row["epoch"] == 1 or bool(resume and not getattr(on_epoch, "shown", False)),
-                          box=None, pad_edge=False)
-            on_epoch.shown = True  # type: ignore[attr-defined]
+            table = Table(show_header=first[0], box=None, pad_edge=False)
+            first[0] = False
             for name in ["epoch", "loss", "lr", "val Dice"] + labels + ["s"]:
                 table.add_column(name, justify="right", min_width=10)
             table.add_row(str(row["epoch"]), _fmt(row["loss"]), _fmt(row["lr"]), _fmt(row.get("val_dice_mean")),

@@ -140,14 +140,12 @@ def check_cascade(config: TrainConfig, fail: Callable[..., None]) -> None:
 
 # ------------------------------------------------------------------------------- derived datasets
 def _digest(config: TrainConfig, cases: Sequence[Any]) -> str:
-    files = []
-    for case in cases:
-        for p in (*case.images, case.label):
-            st = Path(p).stat()
-            files.append([p, st.st_size, int(st.st_mtime)])
+    from .data import file_stamps
+
     c = config.cascade
-    blob = {"v": DERIVED_VERSION, "files": files, "map": {str(k): v for k, v in (config.data.label_map or {}).items()},
-            "k": config.num_classes, "targets": list(c.target_labels), "factor": list(locator_factor(config)),
+    blob = {"v": DERIVED_VERSION, "files": file_stamps(cases),
+            "map": {str(k): v for k, v in (config.data.label_map or {}).items()}, "k": config.num_classes,
+            "targets": list(c.target_labels), "factor": list(locator_factor(config)),
             "spacing": c.spacing_mm, "margin": c.margin_mm, "channels": config.data.channels}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -199,7 +197,7 @@ def prepare_derived_data(config: TrainConfig, progress: Any = None, log: Callabl
     from .data import _check_case, find_cases
 
     c = config.cascade
-    cases = find_cases(config.data, config.source)
+    cases = find_cases(config.data)
     key = _digest(config, cases)
     stamp = Path(config.output) / "data" / "derived.json"
     try:
@@ -266,18 +264,6 @@ class CascadeTrainResult:
     summary: dict = field(default_factory=dict)
 
 
-def _finished(folder: Path, export: bool) -> dict | None:
-    """The stage's summary.json when that stage ran to its end (and exported, if asked)."""
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    done = not summary.get("stopped_early") and summary.get("epochs_done") == summary.get("epochs")
-    if done and (not export or (folder / "model.onnx").is_file()):
-        return summary
-    return None
-
-
 def train_cascade(config: TrainConfig, *, resume: bool = False, max_minutes: float | None = None,
                   device: str | None = None, progress: Any = None,
                   on_epoch: Callable[[str, TrainConfig], Callable[[dict], None] | None] | None = None,
@@ -288,7 +274,7 @@ def train_cascade(config: TrainConfig, *, resume: bool = False, max_minutes: flo
     bounds both stages together; a stage stopped by it is continued by ``resume=True``.
     """
     from ..inference.cascade import CASCADE_SUFFIX, CascadeSpec
-    from .loop import train
+    from .loop import finished_summary, train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("a cascade config trains on one process; run it without torchrun", path=config.source)
@@ -306,7 +292,7 @@ def train_cascade(config: TrainConfig, *, resume: bool = False, max_minutes: flo
     stopped = False
     for stage, stage_config in stages.items():
         folder = Path(stage_config.output)
-        done = _finished(folder, export) if resume else None
+        done = finished_summary(folder, export) if resume else None
         if done is not None:
             say(f"cascade: {stage} already trained ({folder}); skipped")
             results[stage], summaries[stage] = None, done

@@ -61,11 +61,17 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class HybridConfig:
+    """Weight of term ``a`` = alpha(epoch) = max(start - step * epoch, minimum); term ``b`` gets
+    ``1 - alpha``. The VNet seed: a = dice, b = boundary, start 1, step 0.01, minimum ~0.14."""
+
     a: str = "dice"
     b: str = "boundary"
     start: float = 1.0
     step: float = 0.01
     minimum: float = 0.14
+
+    def alpha(self, epoch: int) -> float:
+        return max(self.start - self.step * epoch, self.minimum)
 
 
 @dataclass(frozen=True)
@@ -379,10 +385,8 @@ def _is_number(value: Any) -> bool:
 
 def _check_preprocessing(spec: dict, fail: Any) -> None:
     """The ``preprocessing`` section must be a valid model-card preprocessing spec."""
-    try:
-        from ..preprocessing import Preprocessor
-    except ImportError:  # pragma: no cover - the data module falls back to whole-image z-score
-        return
+    from ..preprocessing import Preprocessor
+
     try:
         Preprocessor.from_dict(spec)
     except MedsegError as err:
@@ -412,17 +416,15 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     for dotted, value in (overrides or {}).items():
         node = data
         parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent or null (e.g. `cascade: null`): a new section
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise InputError(f"--set {dotted}: {'.'.join(parts[:depth + 1])} is a value, not a section",
+                                 path=path)
         node[parts[-1]] = value
     return config_from_dict(data, source=str(path), base=path.resolve().parent)
-
-
-def config_to_dict(config: TrainConfig) -> dict:
-    """Plain data (for logs and the card's ``training`` entry)."""
-    data = dataclasses.asdict(config)
-    data["labels"] = {str(k): v for k, v in config.labels.items()}
-    return data
 
 
 # ------------------------------------------------------------------------------ example configs
@@ -519,7 +521,7 @@ optimizer:
 schedule:
   name: {schedule}                     # none | poly (per iteration) | exponential (per epoch) | plateau (on val Dice)
   power: 0.9                     # poly
-  gamma: 0.95                    # exponential
+  gamma: {gamma}                    # exponential: lr * gamma ** epoch
   factor: {factor}                    # plateau: lr *= factor ...
   patience: {patience}                    # ... after this many validations without a better Dice
   min_lr: 0.0
@@ -547,7 +549,8 @@ def _example_values(name: str, family: str, dims: int) -> dict:
     values = dict(roi="none", normalization="{kind: zscore}", kwargs="{}", batch=2, fg="0.33", epochs=100,
                   flip_prob="0.5", flip_axes="[0, 1, 2]", aug="0.2", noise="0.15",
                   terms="{dice: 1.0, ce: 1.0}", hybrid="null", opt="adam", lr="0.001", wd="0.0",
-                  momentum="0.99", alpha="0.99", eps="1.0e-08", schedule="poly", factor="0.5", patience=10)
+                  momentum="0.99", alpha="0.99", eps="1.0e-08", schedule="poly", gamma="0.95", factor="0.5",
+                  patience=10)
     if dims == 2:
         values.update(patch="[1, 256, 256]", patch_note="; 2D: Z = 1", batch=8, flip_axes="[1, 2]")
     else:
@@ -561,7 +564,7 @@ def _example_values(name: str, family: str, dims: int) -> dict:
         values.update(terms="{}", hybrid="{a: dice, b: boundary, start: 1.0, step: 0.01, minimum: 0.14}",
                       lr="0.0003", schedule="plateau", factor="0.8", patience=7, epochs=200)
     elif family == "unet" and dims == 2:  # liver U-Nets: Adam 1e-4, lr * 0.92 per epoch, CE + Dice
-        values.update(lr="0.0001", schedule="exponential", epochs=50)
+        values.update(lr="0.0001", schedule="exponential", gamma="0.92", epochs=50)
     return values
 
 

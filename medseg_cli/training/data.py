@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -39,7 +40,7 @@ class Case:
 
 
 # ------------------------------------------------------------------------------------ discovery
-def _cases_from_folders(config: DataConfig, source: str) -> list[Case]:
+def _cases_from_folders(config: DataConfig) -> list[Case]:
     from ..imaging import case_stem, file_suffix
 
     root = Path(config.root)
@@ -74,7 +75,7 @@ def _cases_from_folders(config: DataConfig, source: str) -> list[Case]:
     return cases
 
 
-def _cases_from_csv(config: DataConfig, source: str) -> list[Case]:
+def _cases_from_csv(config: DataConfig) -> list[Case]:
     path = Path(config.cases_csv)
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -114,9 +115,9 @@ def _cases_from_csv(config: DataConfig, source: str) -> list[Case]:
     return sorted(cases, key=lambda c: c.name)
 
 
-def find_cases(config: DataConfig, source: str = "<config>") -> list[Case]:
+def find_cases(config: DataConfig) -> list[Case]:
     """Every case of the dataset, sorted by name; raises :class:`InputError` if there are none."""
-    cases = _cases_from_csv(config, source) if config.cases_csv else _cases_from_folders(config, source)
+    cases = _cases_from_csv(config) if config.cases_csv else _cases_from_folders(config)
     if config.max_cases is not None:
         cases = cases[: config.max_cases]
     if not cases:
@@ -178,18 +179,23 @@ class CachedCase:
         return np.load(self.path("locations"))
 
 
-def cache_key(cases: Sequence[Case], preprocessing: dict, num_classes: int, label_map: dict | None = None,
-              channels: int | None = None) -> str:
-    """A digest of what the cache depends on: preprocessing, labels, files (size + mtime)."""
-    files = []
+def file_stamps(cases: Sequence[Case]) -> list[list]:
+    """``[path, size in bytes, mtime in s]`` of every file of ``cases`` (-1, -1 when unreadable), for cache keys."""
+    stamps = []
     for case in cases:
         for p in (*case.images, case.label):
             try:
                 st = Path(p).stat()
-                files.append([p, st.st_size, int(st.st_mtime)])
+                stamps.append([p, st.st_size, int(st.st_mtime)])
             except OSError:
-                files.append([p, -1, -1])
-    blob = json.dumps({"v": CACHE_VERSION, "pre": preprocessing, "k": num_classes, "files": files,
+                stamps.append([p, -1, -1])
+    return stamps
+
+
+def cache_key(cases: Sequence[Case], preprocessing: dict, num_classes: int, label_map: dict | None = None,
+              channels: int | None = None) -> str:
+    """A digest of what the cache depends on: preprocessing, labels, files (size + mtime)."""
+    blob = json.dumps({"v": CACHE_VERSION, "pre": preprocessing, "k": num_classes, "files": file_stamps(cases),
                        "map": {str(k): v for k, v in (label_map or {}).items()},
                        **({"ch": channels} if channels is not None else {})},  # 2D colour <-> grey conversion
                       sort_keys=True, default=str)
@@ -258,11 +264,6 @@ def _check_case(case: Case, image, label, num_classes: int, label_map: dict | No
     return values.astype(np.uint8 if num_classes <= 256 else np.int32)
 
 
-def _labels_through(preprocessor, label_image, state) -> np.ndarray:
-    out = preprocessor.forward_labels(label_image, state)
-    return np.asarray(getattr(out, "array", out))
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     from ..atomic import atomic_output
 
@@ -278,6 +279,7 @@ def prepare_cache(cases: Sequence[Case], preprocessing: dict, num_classes: int, 
     0..K-1, image / label grids that differ, wrong channel count) before anything is trained.
     """
     from ..imaging import match_planar_channels, read_channels, read_image
+    from ..preprocessing import Preprocessor
     from ..progress import ensure_progress
 
     key = cache_key(cases, preprocessing, num_classes, label_map, channels)
@@ -292,43 +294,46 @@ def prepare_cache(cases: Sequence[Case], preprocessing: dict, num_classes: int, 
                 return cached
         except (ValueError, KeyError, OSError):
             pass
+    fresh = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
-    preprocessor = _preprocessor(preprocessing)
+    preprocessor = Preprocessor.from_dict(preprocessing)
     result = []
-    with ensure_progress(progress).task("preprocessing cases", total=len(cases)) as task:
-        for case in cases:
-            image = read_channels(list(case.images)) if len(case.images) > 1 else read_image(case.images[0])
-            if channels is not None:  # 2D pictures: colour <-> grey to the configured channels, as predict does
-                image = match_planar_channels(image, channels)
-            label = read_image(case.label)
-            values = _check_case(case, image, label, num_classes, label_map, channels)
-            label = label.with_array(values)
-            forward = preprocessor.forward(image)
-            array, state = np.asarray(forward[0], dtype=np.float32), forward[-1]
-            if array.ndim == 3:
-                array = array[None]
-            seg = _labels_through(preprocessor, label, state).astype(values.dtype)
-            if seg.shape != array.shape[1:]:
-                raise InputError(f"preprocessed label {seg.shape} does not match image {array.shape[1:]}",
-                                 path=case.label)
-            spacing = _spacing_after(preprocessing, image)
-            rng = np.random.default_rng(int(hashlib.sha256(case.name.encode()).hexdigest()[:8], 16))
-            rows = []
-            present = []
-            for c in range(1, num_classes):
-                where = np.argwhere(seg == c)
-                if len(where):
-                    present.append(c)
-                    if len(where) > LOCATIONS_PER_CLASS:
-                        where = where[rng.choice(len(where), LOCATIONS_PER_CLASS, replace=False)]
-                    rows.append(np.concatenate([np.full((len(where), 1), c), where], axis=1))
-            locations = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
-            entry = CachedCase(case.name, str(target), tuple(int(v) for v in seg.shape), spacing, tuple(present))
-            _save_npy(entry.path("image"), array)
-            _save_npy(entry.path("label"), seg)
-            _save_npy(entry.path("locations"), locations)
-            result.append(entry)
-            task.advance(1)
+    try:
+        with ensure_progress(progress).task("preprocessing cases", total=len(cases)) as task:
+            for case in cases:
+                image = read_channels(list(case.images)) if len(case.images) > 1 else read_image(case.images[0])
+                if channels is not None:  # 2D pictures: colour <-> grey to the configured channels, as predict does
+                    image = match_planar_channels(image, channels)
+                label = read_image(case.label)
+                values = _check_case(case, image, label, num_classes, label_map, channels)
+                label = label.with_array(values)
+                array, _, state = preprocessor.forward(image)  # (C, z, y, x) float32
+                seg = preprocessor.forward_labels(label, state).astype(values.dtype)
+                if seg.shape != array.shape[1:]:
+                    raise InputError(f"preprocessed label {seg.shape} does not match image {array.shape[1:]}",
+                                     path=case.label)
+                spacing = tuple(float(v) for v in state.resampled_spacing_zyx)  # the grid the net sees, mm
+                rng = np.random.default_rng(int(hashlib.sha256(case.name.encode()).hexdigest()[:8], 16))
+                rows = []
+                present = []
+                for c in range(1, num_classes):
+                    where = np.argwhere(seg == c)
+                    if len(where):
+                        present.append(c)
+                        if len(where) > LOCATIONS_PER_CLASS:
+                            where = where[rng.choice(len(where), LOCATIONS_PER_CLASS, replace=False)]
+                        rows.append(np.concatenate([np.full((len(where), 1), c), where], axis=1))
+                locations = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+                entry = CachedCase(case.name, str(target), tuple(int(v) for v in seg.shape), spacing, tuple(present))
+                _save_npy(entry.path("image"), array)
+                _save_npy(entry.path("label"), seg)
+                _save_npy(entry.path("locations"), locations)
+                result.append(entry)
+                task.advance(1)
+    except BaseException:  # a bad case (or a kill) leaves no half-written cache behind
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     index = {"version": CACHE_VERSION, "preprocessing": preprocessing,
              "cases": [{"name": c.name, "shape": list(c.shape), "spacing_zyx": list(c.spacing_zyx),
                         "classes_present": list(c.classes_present)} for c in result]}
@@ -336,44 +341,6 @@ def prepare_cache(cases: Sequence[Case], preprocessing: dict, num_classes: int, 
 
     atomic_write_text(index_path, json.dumps(index))
     return result
-
-
-class _ZscorePreprocessor:
-    """Stand-in while ``medseg_cli.preprocessing`` is unavailable: whole-image z-score, same grid."""
-
-    def __init__(self, spec: dict):
-        extra = {k: v for k, v in spec.items() if k not in ("roi", "crop_to_roi", "target_spacing_zyx", "normalization")}
-        norm = (spec.get("normalization") or {"kind": "none"}).get("kind", "none")
-        if extra or spec.get("crop_to_roi") or spec.get("target_spacing_zyx") or norm not in ("zscore", "none") \
-                or spec.get("roi", "none") != "none":
-            raise InputError("preprocessing needs medseg_cli.preprocessing, which is not installed")
-        self.norm = norm
-
-    def forward(self, image):
-        array = image.channels().astype(np.float32)
-        if self.norm == "zscore":
-            mean = array.mean(axis=(1, 2, 3), keepdims=True)
-            std = array.std(axis=(1, 2, 3), keepdims=True)
-            array = (array - mean) / np.maximum(std, 1e-8)
-        return array, None, None
-
-    def forward_labels(self, labels, state):
-        return labels.array
-
-
-def _preprocessor(spec: dict):
-    try:
-        from ..preprocessing import Preprocessor
-    except ImportError:
-        return _ZscorePreprocessor(spec)
-    return Preprocessor.from_dict(spec)
-
-
-def _spacing_after(preprocessing: dict, image) -> tuple[float, float, float]:
-    target = preprocessing.get("target_spacing_zyx")
-    if target:
-        return tuple(float(v) for v in target)
-    return tuple(float(v) for v in image.geometry.spacing_zyx)
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -439,8 +406,6 @@ class PatchDataset:
         return self._arrays[index], self._locations[index]
 
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        import numpy as np  # noqa: F811 - local for worker processes
-
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         which = int(rng.integers(len(self.cases)))
         (image, label), locations = self._case(which)

@@ -3,7 +3,6 @@ atomic checkpoints every epoch, exact resume, DDP under torchrun, ONNX export at
 
 Output folder layout::
 
-    <output>/config.yaml        the resolved config
     <output>/log.csv            one row per epoch (loss terms, lr, validation Dice per label, seconds)
     <output>/last.pt            every epoch (model, optimiser, scheduler, scaler, RNG states, epoch)
     <output>/previous.pt        the checkpoint before last.pt (fallback when last.pt is corrupt)
@@ -37,10 +36,10 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import InputError, MedsegError, MedsegWarning, ModelError
 from ..progress import Progress, ensure_progress
 from . import distributed as dist_utils
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig
 from .data import (CachedCase, PatchDataset, find_cases, iterations_per_epoch, prepare_cache,
                    split_cases)
-from .losses import HybridSchedule, SegmentationLoss
+from .losses import SegmentationLoss
 
 
 STALE_OUTPUTS = ("last.pt", "previous.pt", "best.pt", "log.csv", "summary.json", "model.onnx", "last.pt.corrupt",
@@ -132,11 +131,12 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total
 
 def dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: int) -> dict[int, float]:
     """Overlap Dice 2|P∩G| / (|P| + |G|) of each foreground class; NaN when both are empty."""
+    from ..evaluation.metrics import dice
+
     result = {}
     for c in range(1, num_classes):
         p, g = prediction == c, reference == c
-        denominator = int(p.sum()) + int(g.sum())
-        result[c] = float("nan") if denominator == 0 else 2.0 * int(np.logical_and(p, g).sum()) / denominator
+        result[c] = dice(p, g) if p.any() or g.any() else float("nan")
     return result
 
 
@@ -227,6 +227,18 @@ def _load_resumed(load: Callable[[dict], Any], resumed: dict, key: str, source: 
                          hint="Resume with the config that wrote it, or start without --resume.") from None
 
 
+def finished_summary(folder: Path, export: bool) -> dict | None:
+    """The run's summary.json when it ran to its end (and exported, if ``export``); else None."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    done = not summary.get("stopped_early") and summary.get("epochs_done") == summary.get("epochs")
+    if done and (not export or (folder / "model.onnx").is_file()):
+        return summary
+    return None
+
+
 def _truncate_log(path: Path, epochs_done: int) -> None:
     """Drop log rows of epochs after the resumed checkpoint (they are trained again)."""
     if not path.is_file():
@@ -281,14 +293,6 @@ def make_card(config: TrainConfig, *, architecture: str, spatial_dims: int, inpu
         training=training, description=config.description, licence=config.licence, citation=config.citation)
 
 
-def export_model_onnx(model: torch.nn.Module, card: ModelCard, path: Path) -> Path:
-    """Export with the project's exporter (parity-checked) and write the card into the file."""
-    from exporters.onnx_export import export_onnx  # type: ignore[import-not-found]
-
-    export_onnx(model, card, path)
-    return path
-
-
 # ---------------------------------------------------------------------------- model and patches
 def build_for_training(config: TrainConfig):
     """Build the config's network and check its patch: ``(model, zoo entry, output_patch, margin,
@@ -304,14 +308,9 @@ def build_for_training(config: TrainConfig):
     except ModelError as err:
         raise InputError(f"model: {err.problem}", path=config.source, hint=err.hint) from None
     spatial_dims = entry.spatial_dims
-    output_patch = tuple(int(v) for v in config.training.patch_size)
+    output_patch = tuple(int(v) for v in config.training.patch_size)  # its fit to the net: check_config
     if len(output_patch) == 2:
         output_patch = (1,) + output_patch
-    if spatial_dims == 3 and len(config.training.patch_size) == 2:
-        raise InputError("training.patch_size: a 3D network needs 3 sizes (Z, Y, X)", path=config.source)
-    if spatial_dims == 2 and output_patch[0] != 1:
-        raise InputError(f"training.patch_size: {entry.name} is a 2D network; use (1, Y, X) or (Y, X)",
-                         path=config.source)
     patch_for_model = output_patch[-spatial_dims:]
     try:
         input_for_model = tuple(model.input_patch_for(patch_for_model)) if hasattr(model, "input_patch_for") \
@@ -353,8 +352,17 @@ def train(config: TrainConfig, *, resume: bool = False, max_minutes: float | Non
                 raise InputError("--resume: no last.pt or previous.pt to resume from", path=output,
                                  hint="Start without --resume.")
             _load_resumed(model.load_state_dict, resumed, "model_state", source)
+            done = finished_summary(output, export) if int(resumed["epoch"]) + 1 >= config.training.epochs else None
+            if done is not None:  # nothing left to train, validate or export: report the finished run
+                say_main(f"{output}: all {config.training.epochs} epochs already trained; nothing to do")
+                best_dice = float(resumed.get("best_dice", -1.0))
+                return TrainResult(output=output, onnx_path=Path(done["onnx"]) if done.get("onnx") else None,
+                                   epochs_done=int(done["epochs_done"]),
+                                   best_dice=best_dice if best_dice >= 0 else None,
+                                   val_dice=done.get("validation_dice") or {}, seconds=float(done.get("seconds", 0.0)),
+                                   summary=done if info.is_main else {})
 
-        cases = find_cases(config.data, config.source)
+        cases = find_cases(config.data)
         train_cases, val_cases = split_cases(cases, config.data, config.seed)
         cache_folder = Path(config.data.cache) if config.data.cache else output.parent / "cache"
         cache_options = {"label_map": config.data.label_map, "channels": config.data.channels}
@@ -419,12 +427,11 @@ def train(config: TrainConfig, *, resume: bool = False, max_minutes: float | Non
         use_amp = bool(config.training.amp and dev.type == "cuda")
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         spacing = tuple(float(v) for v in np.mean([c.spacing_zyx for c in train_cached], axis=0))
-        hybrid = HybridSchedule(**dataclasses.asdict(config.loss.hybrid)) if config.loss.hybrid else None
         loss_fn = SegmentationLoss(config.loss.terms, class_weights=config.loss.class_weights,
                                    dice_batch=config.loss.dice_batch,
                                    dice_include_background=config.loss.dice_include_background,
                                    focal_gamma=config.loss.focal_gamma,
-                                   spacing=spacing[-spatial_dims:], hybrid=hybrid)
+                                   spacing=spacing[-spatial_dims:], hybrid=config.loss.hybrid)
 
         # ---- resume
         start_epoch, best, best_epoch, iteration = 0, -1.0, -1, 0
@@ -592,10 +599,9 @@ def train(config: TrainConfig, *, resume: bool = False, max_minutes: float | Non
                        "validation": "sliding window on the preprocessed held-out cases"}
             card = card_now(metrics, epochs_done)
             if export and not stopped_early:
-                net.to("cpu")
-                net.eval()
-                onnx_path = export_model_onnx(net, card, output / "model.onnx")
-                net.to(dev)
+                from exporters.onnx_export import export_onnx  # on CPU, parity-checked, the card in the file
+
+                onnx_path = export_onnx(net, card, output / "model.onnx")
             summary = {"epochs_done": epochs_done, "epochs": config.training.epochs, "stopped_early": stopped_early,
                        "seconds": round(time.monotonic() - started, 1), "best_epoch": best_epoch + 1,
                        "validation_dice": per_label, "validation_dice_mean": best_val.get("mean"),

@@ -7,13 +7,14 @@ class indices. Every loss returns a scalar tensor (mean over the batch).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+
+from .config import HybridConfig
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -134,19 +135,7 @@ def boundary(logits: torch.Tensor, target: torch.Tensor, *, spacing: Sequence[fl
 TERMS = ("ce", "dice", "focal", "boundary")
 
 
-@dataclass(frozen=True)
-class HybridSchedule:
-    """Weight of term ``a`` = alpha(epoch) = max(start - step * epoch, minimum); term ``b`` gets
-    ``1 - alpha``. The VNet seed: a = dice, b = boundary, start 1, step 0.01, minimum ~0.14."""
-
-    a: str = "dice"
-    b: str = "boundary"
-    start: float = 1.0
-    step: float = 0.01
-    minimum: float = 0.14
-
-    def alpha(self, epoch: int) -> float:
-        return max(self.start - self.step * epoch, self.minimum)
+HybridSchedule = HybridConfig  # the config's ``loss.hybrid`` section is the schedule itself
 
 
 class SegmentationLoss:
