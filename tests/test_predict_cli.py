@@ -231,6 +231,8 @@ def test_bad_input_is_one_line_an_exit_code_and_nothing_written(medseg, models, 
         ((hippo[0], "-o", tmp_path / "m5.txt", "--model", models["conv"]), 2, "file type"),
         ((tmp_path / "nothing.nii.gz", "-o", tmp_path / "m6.nii.gz", "--model", models["conv"]), 2, "no such file"),
         ((scan, "-o", scan, "--model", models["conv"]), 2, "overwrite the input"),
+        ((hippo[0], "-o", tmp_path / "m7.jpg", "--model", models["conv"]), 2, "JPEG"),  # lossy: alters labels
+        ((hippo[0], "-o", tmp_path / "m8.png", "--model", models["conv"]), 2, "cannot be stored as .png"),
     ]
     before = sorted(os.listdir(tmp_path))
     for args, code, words in cases:

@@ -166,6 +166,34 @@ def test_crop_to_roi_without_resampling_is_exact_and_background_outside(tmp_path
     assert runner.windows == len(predictor.window.windows((11, 7, 17)))  # only the box was run
 
 
+class ConstantSigmoidRunner:
+    """A 2-channel sigmoid 'network' answering 0.1 everywhere (below 0.5: no label anywhere)."""
+
+    window_output_patch, window_margin = (8, 8, 8), (0, 0, 0)
+
+    def __init__(self, card):
+        self.card = card
+
+    def predict_batch(self, batch):
+        return np.full((len(batch), 2) + self.window_output_patch, 0.1, np.float32)
+
+
+@pytest.mark.parametrize("spacing", [None, [2.0, 2.0, 2.0]])
+def test_sigmoid_model_outside_the_roi_is_no_label_with_and_without_resampling(spacing):
+    """A sigmoid model has no background channel (channel 0 is label 1): outside the RoI every channel's
+    probability is 0, and no voxel there is labelled, also when probabilities are resampled back."""
+    preprocessing = {"roi": "nonzero", "normalization": {"kind": "zscore_roi"}}
+    if spacing:
+        preprocessing["target_spacing_zyx"] = spacing
+    card = make_card(num_classes=2, activation="sigmoid", preprocessing=preprocessing)
+    array = np.zeros((32, 32, 32), np.float32)
+    array[12:20, 12:20, 12:20] = np.random.default_rng(9).uniform(1, 2, size=(8, 8, 8))
+    result = Predictor(ConstantSigmoidRunner(card)).predict(Image(array, Geometry()), probabilities=True)
+    assert (result.labels.array == 0).all() and result.rows[0]["voxels"] == result.rows[1]["voxels"] == 0
+    assert result.probabilities.array.shape == (2, 32, 32, 32)
+    assert (result.probabilities.array[:, 0, 0, 0] == 0).all() and result.probabilities.array.max() <= 0.1 + 1e-6
+
+
 def test_roi_box_restricts_windows_without_crop(tmp_path):
     """roi nonzero, no crop: windows only over the RoI bounding box; everything else is background."""
     array = np.zeros((30, 30, 30), np.float32)

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import run_medseg
+from medseg_cli.errors import InputError
 from medseg_cli.imaging import Geometry, Image, read_image
 from medseg_cli.inference.postprocess import write_labels
 from medseg_cli.inference.predictor import Predictor
@@ -22,14 +23,9 @@ from medseg_cli.inference.runners import load_runner
 from medseg_cli.inference.streaming import open_picture, should_stream, stream_predict
 
 from test_runners import export_tiny_onnx, make_card
+from test_streaming import tiny_net
 
 torch.set_num_threads(1)
-
-
-def tiny_net(in_channels: int, num_classes: int, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, 4, 3, padding=1), torch.nn.ReLU(),
-                               torch.nn.Conv2d(4, num_classes, 3, padding=1)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +140,15 @@ def test_big_pictures_of_any_2d_format_stream_automatically(fundus, tmp_path):
     broken.write_bytes(b"not a tiff at all")
     assert not should_stream(broken, megapixels=0.1)
     assert not should_stream(tmp_path, megapixels=0.1)               # a folder (DICOM series): never
+
+
+def test_unwritable_or_lossy_streamed_outputs_are_input_errors(models, fundus, tmp_path):
+    """A mask folder where no scratch file can be made (/proc), or a JPEG mask (lossy: it alters label
+    values), is refused as an InputError naming the output, before any tile is predicted."""
+    source = write_picture(fundus[:200, :200], tmp_path / "small.png")
+    predictor = Predictor(load_runner(str(models["rgb"]), threads=1))
+    for output, words in ((Path("/proc") / "mask.png", "writ"), (tmp_path / "mask.jpg", "JPEG")):
+        with pytest.raises(InputError, match=words) as caught:
+            stream_predict(predictor, source, output)
+        assert str(output) in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.png"]

@@ -8,13 +8,14 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..atomic import ensure_writable_folder
+from ..atomic import check_output_path, ensure_writable_folder
 from ..console import Console, command_options, escape
 from ..errors import InputError
-from ..imaging import file_suffix, read_channels
+from ..imaging import PLANAR_SUFFIXES, file_suffix, read_channels
 from ..inference.cascade import CascadePredictor, is_cascade_path, load_cascade
 from ..inference.cohort import Case, discover_cases, parse_shard, run_cases, select_shard
-from ..inference.postprocess import PROBABILITY_DTYPES, is_slicer_segmentation, write_labels, write_probabilities
+from ..inference.postprocess import (PROBABILITY_DTYPES, check_lossless, is_slicer_segmentation, write_labels,
+                                     write_probabilities)
 from ..inference.predictor import Predictor, check_channels
 from ..inference.runners import DEVICES, PRECISIONS, load_runner
 from ..inference.streaming import check_stream, picture_geometry, should_stream, stream_predict, stream_problem
@@ -32,9 +33,12 @@ def _default_model() -> str:
 
 
 def _check_output_name(path: Path, what: str) -> None:
+    """Raise :class:`InputError` unless ``path`` is a writable, lossless image file name."""
     if not (file_suffix(path) or is_slicer_segmentation(path)):
         raise InputError(f"unsupported {what} file type", path=path,
                          hint="Use .nii.gz, .nii, .nrrd, .seg.nrrd or .mha (or .png/.tif for 2D).")
+    check_lossless(path)
+    check_output_path(path)
 
 
 def _size_table(rows: list[dict], unit: str) -> Table:
@@ -50,21 +54,20 @@ def _size_table(rows: list[dict], unit: str) -> Table:
     return table
 
 
-def _streamed(stream: bool | None, cohort: bool, case: Case, mask_path: Path, probs_path: Path | None,
-              keep_largest: bool, predictor: Predictor) -> bool:
+def _streamed(stream: bool | None, cohort: bool, case: Case, probs_path: Path | None, keep_largest: bool,
+              predictor: Predictor) -> bool:
     """Whether this case is predicted tile by tile (``--stream``, or automatic for big 2D pictures)."""
     if stream is False:
         return False
+    streamable = not (cohort or len(case.paths) != 1 or probs_path is not None or keep_largest
+                      or type(predictor) is not Predictor)
     if stream:
-        if (cohort or len(case.paths) != 1 or probs_path is not None or keep_largest
-                or type(predictor) is not Predictor):
+        if not streamable:
             raise InputError("--stream takes one picture and a plain model, without --probabilities or --keep-largest",
                              path=case.paths[0], hint="Drop --stream, or predict one file.")
         return True
-    if (cohort or len(case.paths) != 1 or probs_path is not None or keep_largest or type(predictor) is not Predictor
-            or not should_stream(case.paths[0])):
-        return False
-    return stream_problem(predictor.card, predictor.preprocessor, picture_geometry(case.paths[0])) is None
+    return (streamable and should_stream(case.paths[0])
+            and stream_problem(predictor.card, predictor.preprocessor, picture_geometry(case.paths[0])) is None)
 
 
 def _foveation_map_predictor(predictor, path: Path | None, cohort: bool):
@@ -76,7 +79,6 @@ def _foveation_map_predictor(predictor, path: Path | None, cohort: bool):
     from ..inference.foveation_map import foveation_map_predictor
 
     _check_output_name(path, "foveation map")
-    ensure_writable_folder(path.parent if str(path.parent) else Path("."), for_file=path)
     return foveation_map_predictor(predictor)
 
 
@@ -193,11 +195,8 @@ def predict(inputs: tuple[str, ...], output: Path, model: str | None, backend: s
         if output.is_dir():
             output = output / f"{selected[0].name}.nii.gz"
         _check_output_name(output, "output")
-        ensure_writable_folder(output.parent if str(output.parent) else Path("."), for_file=output)
         if probabilities_path is not None:
             _check_output_name(probabilities_path, "probabilities")
-            ensure_writable_folder(probabilities_path.parent if str(probabilities_path.parent) else Path("."),
-                                   for_file=probabilities_path)
 
     def destinations(case: Case) -> tuple[Path, Path | None]:
         if not cohort:
@@ -214,7 +213,7 @@ def predict(inputs: tuple[str, ...], output: Path, model: str | None, backend: s
                                  hint="Write masks to another file or folder (-o).")
         if cohort and not overwrite and mask_path.exists() and (probs_path is None or probs_path.exists()):
             return {"status": "skipped", "output": str(mask_path), "reason": "output exists (use --overwrite)"}
-        if _streamed(stream, cohort, case, mask_path, probs_path, keep_largest, predictor):
+        if _streamed(stream, cohort, case, probs_path, keep_largest, predictor):
             picture = check_stream(predictor, case.paths[0], mask_path)
             announce()
             rows = stream_predict(predictor, picture, mask_path, progress=progress)  # frees its pixels when done
@@ -223,6 +222,9 @@ def predict(inputs: tuple[str, ...], output: Path, model: str | None, backend: s
                     "volumes": size_rows(rows, unit, picture.geometry), "streamed": True}
         scan = [read_channels(case.paths, series_uid=series_uid)]
         check_channels(scan[0], card)
+        if file_suffix(mask_path) in PLANAR_SUFFIXES and not scan[0].is_planar:  # refused before predicting
+            raise InputError(f"a {scan[0].spatial_shape} volume cannot be stored as {file_suffix(mask_path)}",
+                             path=mask_path, hint="Use .nii.gz, .nrrd or .mha for 3D data.")
         unit = size_unit(case.paths[0], scan[0].spatial_shape)  # 2D pictures: areas, not volumes
         announce()
         # the scan is handed over (popped) so the predictor can free its voxels once the network input is built

@@ -47,11 +47,13 @@ from typing import Sequence
 import numpy as np
 
 from ..card import ModelCard
-from ..errors import InputError, MedsegWarning, ModelError, ProcessingError
+from ..errors import MedsegWarning, ModelError, ProcessingError
 from ..imaging import Geometry, Image
 from ..progress import Progress
 from .postprocess import keep_largest_component, label_values, label_volumes
 from .predictor import PredictionResult, Predictor, check_channels
+from .runners import TORCH_SUFFIXES
+from .sliding_window import embed_probabilities
 
 CASCADE_SUFFIX = ".cascade.json"
 CASCADE_VERSION = 1
@@ -150,7 +152,7 @@ class CascadeSpec:
         """The locator's / segmenter's model: a path relative to the card's folder, else a model name."""
         text = getattr(self, which)
         candidate = Path(text).expanduser()
-        looks_like_path = candidate.suffix.lower() in (".onnx", ".pt", ".pth", ".ckpt") or os.sep in text
+        looks_like_path = candidate.suffix.lower() in (".onnx",) + TORCH_SUFFIXES or os.sep in text
         if not candidate.is_absolute() and (looks_like_path or (self.folder / candidate).exists()):
             return str(self.folder / candidate)
         return str(candidate) if looks_like_path else text
@@ -338,10 +340,7 @@ class CascadePredictor:
         labels = paste_labels(inner.labels, step.box, shape, geometry)
         prob_image = None
         if probabilities and inner.probabilities is not None:
-            full = np.zeros((card.num_classes,) + tuple(shape), dtype=np.float32)
-            if card.num_classes > 1 and card.output_activation == "softmax":
-                full[0] = 1.0
-            full[(slice(None),) + tuple(step.box)] = inner.probabilities.array
+            full = embed_probabilities(inner.probabilities.array, step.box, shape, card.output_activation)
             prob_image = Image(full, geometry, source)
         if self.keep_largest:
             keep_largest_component(labels.array, label_values(card))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import glob
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -190,8 +191,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def select_shard(cases: Sequence[Case], shard: tuple[int, int] | None) -> list[Case]:
     """Cases of the i-th of n disjoint shares: sorted by name, case k goes to share (k mod n) + 1."""
     ordered = sorted(cases, key=lambda c: c.name)
-    names = [c.name for c in ordered]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(n for n, k in Counter(c.name for c in ordered).items() if k > 1)
     if duplicates:
         raise InputError(f"several inputs give the same case name(s) {duplicates[:5]}",
                          hint="Case names must be unique: outputs are named after them.")
@@ -210,20 +210,18 @@ def run_cases(cases: Sequence[Case], process: Callable[[Case], dict], *,
     """
     rows, worst = [], 0
     for case in cases:
+        row = {"case": case.name, "inputs": [str(p) for p in case.paths], "status": "ok"}
         try:
             if case.problem is not None:
                 raise case.problem
-            row = {"case": case.name, "inputs": [str(p) for p in case.paths], "status": "ok", **process(case)}
+            row.update(process(case))
         except MedsegError as err:
-            row = {"case": case.name, "inputs": [str(p) for p in case.paths], "status": "failed",
-                   "error": str(err), "exit_code": err.exit_code}
+            row.update(status="failed", error=str(err), exit_code=err.exit_code)
         except MemoryError:
-            row = {"case": case.name, "inputs": [str(p) for p in case.paths], "status": "failed",
-                   "error": "out of memory; try a smaller --batch", "exit_code": 4}
+            row.update(status="failed", error="out of memory; try a smaller --batch", exit_code=4)
         except Exception as err:  # noqa: BLE001 - one broken case must not stop a cohort
             summary = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-            row = {"case": case.name, "inputs": [str(p) for p in case.paths], "status": "failed",
-                   "error": f"internal error ({summary})", "exit_code": 4}
+            row.update(status="failed", error=f"internal error ({summary})", exit_code=4)
         if row["status"] == "failed":
             worst = max(worst, row["exit_code"])
         rows.append(row)

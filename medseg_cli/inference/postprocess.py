@@ -160,8 +160,20 @@ def write_slicer_segmentation(labels: Image, path: str | os.PathLike[str], card:
     return write_sitk_image(sitk_image, path, compress=True)
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+"""Formats whose compression alters pixel values: never used for label maps or probabilities."""
+
+
+def check_lossless(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`InputError` when ``path`` names a lossy format (JPEG changes label values)."""
+    if str(path).lower().endswith(LOSSY_SUFFIXES):
+        raise InputError("JPEG compression alters pixel values, so a label map cannot be stored as JPEG",
+                         path=path, hint="Use .png or .tif for a 2D mask (or .nii.gz, .nrrd, .mha).")
+
+
 def write_labels(labels: Image, path: str | os.PathLike[str], card: ModelCard) -> Path:
     """Write the label map: a Slicer ``.seg.nrrd`` when the name ends so, else by suffix (atomic)."""
+    check_lossless(path)
     if is_slicer_segmentation(path):
         return write_slicer_segmentation(labels, path, card)
     return write_image(labels, path, label=True)

@@ -29,7 +29,8 @@ from ..imaging import Image, match_planar_channels
 from ..progress import Progress
 from .postprocess import keep_largest_component, label_values, label_volumes, probabilities_to_labels
 from .runners import Runner, load_runner
-from .sliding_window import SlidingWindow, embed_probabilities, mirrored, with_first_class
+from .sliding_window import (SlidingWindow, background_probabilities, embed_probabilities, mirrored,
+                             with_first_class)
 
 
 @dataclass
@@ -144,7 +145,9 @@ class Predictor:
         prob_image = None
         if resampled:
             # the network grid differs from the scan's: bring probabilities back (linear), then argmax
-            full = embed_probabilities(inside, box, grid) if inside is not None else _background(num_classes, grid)
+            activation = card.output_activation
+            full = (embed_probabilities(inside, box, grid, activation) if inside is not None
+                    else background_probabilities(num_classes, grid, activation))
             del inside
             original = np.asarray(self.preprocessor.inverse_probabilities(full, state), dtype=np.float32)
             del full
@@ -160,11 +163,11 @@ class Predictor:
                 target = tuple(slice(b.start + o, b.stop + o) for b, o in zip(box, offset))
                 probabilities_to_labels(inside, card.output_activation, out=labels[target], implicit_first=implicit)
                 if probabilities:
-                    full = _background(num_classes, spatial_shape)
-                    full[(slice(None),) + target] = inside
-                    prob_image = Image(full, geometry, source)
+                    prob_image = Image(embed_probabilities(inside, target, spatial_shape, card.output_activation),
+                                       geometry, source)
             elif probabilities:
-                prob_image = Image(_background(num_classes, spatial_shape), geometry, source)
+                prob_image = Image(background_probabilities(num_classes, spatial_shape, card.output_activation),
+                                   geometry, source)
             del inside
         labels = labels.astype(np.uint8 if max(label_values(card), default=0) < 256 else np.uint16, copy=False)
         if tuple(labels.shape) != spatial_shape:
@@ -194,13 +197,6 @@ def _warn_if_blank(image: Image) -> None:
         warnings.warn(MedsegWarning(f"{image.source}: the scan is blank (every voxel is {float(low):g}): "
                                     "there is nothing to segment; check the export"),
                       stacklevel=3)
-
-
-def _background(num_classes: int, grid) -> np.ndarray:
-    full = np.zeros((num_classes,) + tuple(grid), dtype=np.float32)
-    if num_classes > 1:
-        full[0] = 1.0
-    return full
 
 
 __all__ = ["Predictor", "PredictionResult", "load_runner", "check_channels"]

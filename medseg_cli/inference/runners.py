@@ -340,7 +340,7 @@ class TorchRunner(_PatchMixin):
                 probabilities = torch.sigmoid(logits)
             else:
                 probabilities = torch.softmax(logits, dim=1)
-            output = probabilities.float().cpu().numpy()
+            output = probabilities.cpu().numpy()
         return self._finish(output)
 
 

@@ -88,9 +88,10 @@ def mirrored(predict_batch: PredictBatch, axes: Sequence[int]) -> PredictBatch:
     """
     axes = tuple(sorted(set(int(a) for a in axes)))
 
+    combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
     def predict(batch: np.ndarray) -> np.ndarray:
         total = None
-        combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
         for combo in combos:
             flip = tuple(2 + a for a in combo)
             source = np.ascontiguousarray(np.flip(batch, flip)) if flip else batch
@@ -264,11 +265,21 @@ def with_first_class(rest: np.ndarray) -> np.ndarray:
     return full
 
 
-def embed_probabilities(inside: np.ndarray, box: Box, shape: Sequence[int]) -> np.ndarray:
-    """Place box probabilities (K, *box) into a full (K, *shape) array; background (class 0) = 1 outside."""
-    num_classes = inside.shape[0]
+def background_probabilities(num_classes: int, shape: Sequence[int], activation: str = "softmax") -> np.ndarray:
+    """(K, *shape) float32 probabilities of nothing found: softmax class 0 (background) = 1, all else 0.
+
+    A sigmoid model has no background channel (channel k is label k + 1): every channel is 0.
+    """
     full = np.zeros((num_classes,) + tuple(int(n) for n in shape), dtype=np.float32)
-    if num_classes > 1:
+    if num_classes > 1 and activation == "softmax":
         full[0] = 1.0
+    return full
+
+
+def embed_probabilities(inside: np.ndarray, box: Box, shape: Sequence[int],
+                        activation: str = "softmax") -> np.ndarray:
+    """Place box probabilities (K, *box) into a full (K, *shape) array, :func:`background_probabilities`
+    outside the box."""
+    full = background_probabilities(inside.shape[0], shape, activation)
     full[(slice(None),) + tuple(box)] = inside
     return full

@@ -453,16 +453,18 @@ def _stream_converted(predictor, picture: RawPicture, output: Path, *, tile: int
 
     import SimpleITK as sitk
 
-    from ..atomic import SCRATCH_PREFIX, ensure_writable_folder
+    from ..atomic import SCRATCH_PREFIX, check_output_path
     from ..imaging import PLANAR_SUFFIXES, write_sitk_image
-    from .postprocess import is_slicer_segmentation, write_labels
+    from .postprocess import check_lossless, is_slicer_segmentation, write_labels
 
-    folder = output.parent if str(output.parent) else Path(".")
-    ensure_writable_folder(folder, for_file=output)
-    if output.is_dir():
-        raise InputError("output path is an existing folder", path=output, hint="Give a file name, e.g. mask.png.")
+    check_lossless(output)
+    folder = check_output_path(output)
     planar = file_suffix(output) in PLANAR_SUFFIXES
-    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=folder))  # swept if a killed run leaves it
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=folder))  # swept if a killed run leaves it
+    except OSError as err:
+        raise InputError(f"cannot write in output folder ({err.strerror})", path=output,
+                         hint="Choose a writable output location.") from None
     try:
         staged = scratch / "labels.mha"
         geometry = picture.geometry
